@@ -1,0 +1,35 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.clipseek-installed
+DEMO_DIR ?= .demo
+DEMO_QUERY ?= a large red circle
+
+.PHONY: demo test lint bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Generate a demo library, then find the query's pictures in it with the bundled demo model.
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/clipseek demo $(DEMO_DIR)/library --count 200
+	$(BIN)/python data/rank_demo.py $(DEMO_DIR)/library "$(DEMO_QUERY)"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench --out bench-report.json
+
+clean:
+	rm -rf $(DEMO_DIR) bench-report.json .pytest_cache .ruff_cache

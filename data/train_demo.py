@@ -1,0 +1,136 @@
+"""The recipe that trains the bundled demo CLIP (data/demo.json → data/demo.safetensors).
+
+    .venv/bin/python data/train_demo.py              # train, save, evaluate (about 35 min on 2 cores)
+    .venv/bin/python data/train_demo.py --eval-only  # evaluate the committed weights
+
+Deterministic: the model is initialised from a fixed seed and every step's batch is drawn from
+numpy's generator seeded with (seed, step), so the same torch build and thread count reproduce
+the same weights. Figures are printed for a held-out set of freshly generated pictures.
+
+Recipe: pictures of the demo world (indexer/demo_world.py) rendered at 64–320 px and brought to
+64 px by the model's own preprocessing, half of them through a JPEG round trip; each caption
+names the shape and, half of the time, every other attribute, else a random subset of them.
+Because a partial caption ("a red circle") is true of many pictures in a batch, the contrastive
+loss takes every picture the caption is true of as a positive (uniform soft targets) instead of
+the diagonal only. AdamW, linear warm-up then cosine decay. Weights are saved as float16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from indexer import demo_world as world  # noqa: E402
+
+OPTIONAL = ("size", "colour", "position", "background")
+
+
+def batch(step: int, size: int, seed: int, preprocess, tokenizer):
+    rng = np.random.default_rng([seed, step])
+    scenes, images, keeps = [], [], []
+    for _ in range(size):
+        scene = world.random_scene(rng)
+        image = world.render(scene, int(rng.integers(64, 321)), rng)
+        if rng.random() < 0.5:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=int(rng.integers(60, 96)))
+            image = Image.open(buffer).convert("RGB")
+        keep = OPTIONAL if rng.random() < 0.5 else tuple(a for a in OPTIONAL if rng.random() < 0.5)
+        scenes.append(scene)
+        images.append(preprocess(image))
+        keeps.append(("shape", *keep))
+    texts = [world.caption(s, rng, keep) for s, keep in zip(scenes, keeps, strict=True)]
+    # positives[i, j]: caption i is true of picture j
+    positives = torch.tensor(
+        [
+            [scene.matches({a: getattr(s, a) for a in keep}) for scene in scenes]
+            for s, keep in zip(scenes, keeps, strict=True)
+        ],
+        dtype=torch.float32,
+    )
+    return torch.stack(images), tokenizer(texts), positives
+
+
+def soft_contrastive_loss(image_features, text_features, logit_scale, positives):
+    logits = logit_scale * text_features @ image_features.T  # [texts, images]
+    text_to_image = -(F.log_softmax(logits, dim=1) * positives / positives.sum(1, keepdim=True)).sum(1)
+    image_to_text = -(F.log_softmax(logits.T, dim=1) * positives.T / positives.T.sum(1, keepdim=True)).sum(1)
+    return (text_to_image.mean() + image_to_text.mean()) / 2
+
+
+def train(steps: int, batch_size: int, lr: float, seed: int, out: Path) -> None:
+    open_clip.add_model_config(HERE / "demo.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model("demo")
+    preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
+    tokenizer = open_clip.get_tokenizer("demo")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+    )
+    warmup = max(1, steps // 20)
+    started = time.time()
+    model.train()
+    for step in range(steps):
+        factor = (
+            (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        )
+        for group in optimiser.param_groups:
+            group["lr"] = lr * factor
+        images, texts, positives = batch(step, batch_size, seed, preprocess, tokenizer)
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(model.encode_text(texts), dim=-1)
+        loss = soft_contrastive_loss(image_features, text_features, model.logit_scale.exp(), positives)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 25 == 0 or step == steps - 1:
+            scale, elapsed = model.logit_scale.exp().item(), time.time() - started
+            print(f"step {step:5d}/{steps}  loss {loss.item():.4f}  scale {scale:6.2f}  {elapsed:6.0f}s", flush=True)
+    state = {name: tensor.detach().half().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(out))
+    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {time.time() - started:.0f}s")
+
+
+def evaluate(checkpoint: Path) -> None:
+    from indexer.encoder import load_encoder  # evaluated through clipseek's own loading path
+
+    encoder = load_encoder("demo", checkpoint=checkpoint)
+    recall = world.held_out_recall(encoder.embed_images, encoder.embed_texts)
+    for name, value in recall.items():
+        print(f"text→image R@1, {name}: {value:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE / "demo.safetensors")
+    parser.add_argument("--eval-only", action="store_true")
+    args = parser.parse_args()
+    if not args.eval_only:
+        train(args.steps, args.batch_size, args.lr, args.seed, args.out)
+    evaluate(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Load a CLIP model and embed images and texts: the only module that imports torch and open_clip.
+
+    encoder = load_encoder("demo")                       # the bundled demo model
+    encoder = load_encoder("ViT-B-32", "laion2b_s34b_b79k")  # from the local open_clip cache
+    encoder = load_encoder("ViT-B-32", checkpoint="vit-b-32.safetensors")
+    vectors = encoder.embed_texts(["a cat sunbathing"])  # (1, 512) float32, L2-normalised
+
+Weights never come from the network unless `download=True`: a pretrained tag is looked up in
+the local caches first, and a miss fails at once with what to do, instead of open_clip's minute
+of retries on a machine that cannot reach the hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.transformer import TextTransformer, text_global_pool
+from PIL import Image
+from safetensors import SafetensorError
+
+from indexer.errors import CheckpointError, ModelError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+DEMO_MODEL = "demo"
+RANDOM_WEIGHTS = "random"  # explicit random initialisation, for benchmarks and tests
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_PRETRAINED",
+    "DEMO_MODEL",
+    "RANDOM_WEIGHTS",
+    "Encoder",
+    "ModelId",
+    "demo_checkpoint",
+    "load_encoder",
+]
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """What an index stores to know which model made its vectors.
+
+    Weights are named by their pretrained tag, or by the sha256 of the checkpoint file they came
+    from (the bundled demo model included), so a renamed file is still the same model.
+    """
+
+    architecture: str
+    pretrained: str | None
+    checkpoint_sha256: str | None
+    dim: int
+    image_size: int | tuple[int, int]
+
+    def __str__(self) -> str:
+        weights = self.pretrained or f"sha256:{self.checkpoint_sha256[:12]}"
+        return f"{self.architecture} ({weights}, {self.dim}-d, {self.image_size} px)"
+
+
+def _bundled_demo_dir() -> Path:
+    # An installed wheel carries data/ as indexer/_demo/; a source checkout uses data/ itself.
+    for folder in (Path(__file__).parent / "_demo", Path(__file__).resolve().parent.parent / "data"):
+        if (folder / "demo.json").is_file():
+            return folder
+    raise ModelError("the bundled demo model is missing from this installation: reinstall clipseek")
+
+
+def demo_checkpoint() -> Path:
+    """The bundled demo model's weights (safetensors)."""
+    return _bundled_demo_dir() / "demo.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_architecture(name: str) -> None:
+    if open_clip.get_model_config(name) is not None:
+        return
+    known = open_clip.list_models()
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else f" Known: {', '.join(known[:12])}, …"
+    raise ModelError(f"unknown model architecture '{name}'.{hint}")
+
+
+def _cached_weights(architecture: str, tag: str, cache_dir: str | None) -> Path | None:
+    """Where open_clip would have stored the weights of `tag`, if they are on this machine."""
+    config = open_clip.get_pretrained_cfg(architecture, tag)
+    if config.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(config["hf_hub"])
+        if filename:
+            candidates = [filename.rsplit(".", 1)[0] + ".safetensors", filename]
+        else:
+            candidates = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for candidate in candidates:
+            found = try_to_load_from_cache(repo, candidate, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return Path(found)
+        return None
+    if config.get("url"):
+        local = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(config["url"])
+        return local if local.is_file() else None
+    return None
+
+
+def _pretrained_file(architecture: str, tag: str, cache_dir: str | None, download: bool) -> Path:
+    """The local weights file of a pretrained tag, downloading it only when asked to."""
+    if not open_clip.get_pretrained_cfg(architecture, tag):
+        tags = open_clip.list_pretrained_tags_by_model(architecture)
+        listed = ", ".join(tags) if tags else "none; pass --checkpoint FILE"
+        raise ModelError(f"'{tag}' is not a pretrained tag of {architecture}. Its tags: {listed}")
+    found = _cached_weights(architecture, tag, cache_dir)
+    if found is not None:
+        return found
+    if download:
+        try:
+            return Path(
+                open_clip.download_pretrained(open_clip.get_pretrained_cfg(architecture, tag), cache_dir=cache_dir)
+            )
+        except Exception as error:  # any network or hub failure
+            raise ModelError(f"could not download {architecture} / {tag}: {error}") from error
+    raise ModelError(
+        f"the weights of {architecture} / {tag} are not in the local cache, and clipseek downloads "
+        "only when asked. On a machine with internet access, fetch them once "
+        "(load_encoder(..., download=True)) and copy the cache (~/.cache/huggingface/hub) here, "
+        "or pass --checkpoint FILE with a local .safetensors file."
+    )
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(path: Path, architecture: str):
+    """Turn the ways a checkpoint fails to load into one clear CheckpointError each."""
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):  # torch's weights-only unpickler met a callable
+            raise CheckpointError(
+                f"{path} is a pickle that would run code when loaded (it holds more than tensors), "
+                "so clipseek refuses it. Use a .safetensors checkpoint, or a plain state dict "
+                "saved with torch.save."
+            ) from error
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {error}") from error
+    except (SafetensorError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {error}") from error
+    except (RuntimeError, KeyError) as error:
+        if "state_dict" in str(error) or isinstance(error, KeyError):
+            raise CheckpointError(
+                f"{path} does not hold weights for the {architecture} architecture; "
+                f"pass the --model it was trained as. ({str(error).splitlines()[0]})"
+            ) from error
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {error}") from error
+
+
+def load_encoder(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    *,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    download: bool = False,
+) -> Encoder:
+    """Build an open_clip model with its weights and return an Encoder for it.
+
+    Weights come from `checkpoint` (a local file), else from `pretrained` (an open_clip tag,
+    looked up in the local cache; `"random"` initialises randomly on purpose), else from the
+    model's default: the bundled weights for `demo`, laion2b_s34b_b79k for ViT-B-32.
+    Raises ModelError (or CheckpointError) with a message that says what to do.
+    """
+    if model == DEMO_MODEL:
+        open_clip.add_model_config(_bundled_demo_dir() / "demo.json")
+        if checkpoint is None and pretrained is None:
+            checkpoint = demo_checkpoint()
+    _check_architecture(model)
+    if checkpoint is None and pretrained is None:
+        if model != DEFAULT_MODEL:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise ModelError(f"say which weights {model} should use: --pretrained TAG ({tags}) or --checkpoint FILE")
+        pretrained = DEFAULT_PRETRAINED
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options: dict = {"device": device, "precision": "fp32", "weights_only": True}
+    if checkpoint is not None:
+        weights = Path(checkpoint)
+        if not weights.is_file():
+            raise CheckpointError(f"checkpoint {weights} does not exist")
+        pretrained, sha256 = None, _sha256(weights)
+    elif pretrained == RANDOM_WEIGHTS:
+        weights, sha256 = None, None
+    else:
+        weights, sha256 = _pretrained_file(model, pretrained, cache_dir, download), None
+        tag_config = open_clip.get_pretrained_cfg(model, pretrained)
+        # Loading the tag's file by path skips open_clip's per-tag settings; apply them here.
+        options["force_quick_gelu"] = bool(tag_config.get("quick_gelu", False))
+        for key in ("mean", "std", "interpolation", "resize_mode"):
+            if key in tag_config:
+                options[f"image_{key}"] = tag_config[key]
+
+    if weights is None:
+        # Seeded so that a random model is the same in every process (benchmarks compare runs);
+        # open_clip's warning about random weights is noise here: they were asked for.
+        with torch.random.fork_rng(devices=[]), _quiet_logging():
+            torch.manual_seed(0)
+            clip, _, preprocess = open_clip.create_model_and_transforms(model, **options)
+    else:
+        with _checkpoint_errors(weights, model):
+            clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(weights), **options)
+    try:
+        tokenizer = open_clip.get_tokenizer(model)
+    except Exception as error:  # e.g. a Hugging Face tokenizer that is not available offline
+        raise ModelError(f"cannot load the tokenizer of {model}: {error}") from error
+    size = clip.visual.preprocess_cfg["size"]
+    size = size if isinstance(size, int) else tuple(size)
+    if isinstance(size, tuple) and size[0] == size[1]:
+        size = size[0]
+    identity = ModelId(model, pretrained, sha256, open_clip.get_model_config(model)["embed_dim"], size)
+    return Encoder(clip, tokenizer, preprocess, identity, device)
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _trim_pool(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+    """The text tower and its pooling when trimming padding leaves the embedding unchanged.
+
+    That holds where attention is causal (no token sees the padding after it) and the pooled
+    token is the end-of-text token, which trimming keeps: OpenAI-style towers such as ViT-B-32.
+    It does not hold for bidirectional towers (MobileCLIP-S1/S2, SigLIP), appended class
+    tokens (CoCa) or Hugging Face text models.
+    """
+    if isinstance(model, open_clip.CLIP):
+        tower, pool = model, model.text_pool_type
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        tower, pool = model.text, model.text.pool_type
+        if tower.cls_emb is not None or tower.use_pad_mask:
+            return None
+    else:
+        return None
+    if tower.attn_mask is None or pool not in ("argmax", "eos"):
+        return None
+    return tower, pool
+
+
+class Encoder:
+    """A loaded CLIP model that embeds images and texts into L2-normalised float32 rows."""
+
+    def __init__(self, model, tokenizer, preprocess, model_id: ModelId, device: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        # The loader (which owns decoding) applies this to each PIL image before embed_images.
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
+        self.model_id = model_id
+        self.device = device
+        self._trim = _trim_pool(model)
+
+    @property
+    def trims_text(self) -> bool:
+        """Whether embed_texts drops padding tokens (only where that is exact)."""
+        return self._trim is not None
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Embed RGB PIL images: (n, dim) float32, each row of unit length."""
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                pixels = torch.stack([self.preprocess(image) for image in images[start : start + batch_size]])
+                rows.append(self.model.encode_image(pixels.to(self.device), normalize=True).float().cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, self.model_id.dim), np.float32)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True) -> np.ndarray:
+        """Embed texts: (n, dim) float32, each row of unit length.
+
+        With `trim` (the default) a batch is cut to its longest real token sequence where that
+        gives the same embedding; texts are batched by length so short ones are not padded to
+        long ones. `trim=False` always runs the full context length.
+        """
+        tokens = self.tokenizer(list(texts))
+        out = np.zeros((len(texts), self.model_id.dim), np.float32)
+        trim = trim and self._trim is not None
+        order = torch.argsort((tokens != 0).sum(1), descending=True) if trim else torch.arange(len(texts))
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                rows = order[start : start + batch_size]
+                batch = tokens[rows].to(self.device)
+                vectors = self._encode_trimmed(batch) if trim else self.model.encode_text(batch, normalize=True)
+                out[rows.numpy()] = vectors.float().cpu().numpy()
+        return out
+
+    def _encode_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The text tower's forward (open_clip's CLIP.encode_text / TextTransformer.forward) on
+        # the first n positions only, n = one past the last pooled token of the batch.
+        tower, pool = self._trim
+        eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        ends = tokens.argmax(-1) if pool == "argmax" else (tokens == eos_id).int().argmax(-1)
+        n = int(ends.max()) + 1
+        tokens = tokens[:, :n]
+        cast = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(tokens).to(cast) + tower.positional_embedding[:n].to(cast)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+        x = text_global_pool(tower.ln_final(x), tokens, pool, eos_token_id=eos_id)
+        projection = tower.text_projection
+        if isinstance(projection, torch.nn.Linear):
+            x = projection(x)
+        elif projection is not None:
+            x = x @ projection
+        return torch.nn.functional.normalize(x, dim=-1)

@@ -1,0 +1,47 @@
+"""The `clipseek` command: parse, call one library function, format.
+
+Heavy modules (torch, open_clip) are imported inside the commands that need them, so that
+`clipseek --help` and `clipseek --version` answer at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from indexer.errors import ClipseekError
+
+
+class _Group(click.Group):
+    """Turns clipseek's own errors into a one-line message and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ClipseekError as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clipseek", prog_name="clipseek")
+def cli() -> None:
+    """Search photo libraries and caption collections with CLIP."""
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, writable=True, path_type=Path))
+@click.option("--count", default=200, show_default=True, type=click.IntRange(min=1), help="Pictures to write.")
+@click.option("--seed", default=0, show_default=True, type=int, help="The same seed writes the same files.")
+def demo(directory: Path, count: int, seed: int) -> None:
+    """Write a demo photo library into DIRECTORY.
+
+    Generated pictures of the demo world (coloured shapes on textured backgrounds), as JPEG and
+    PNG files in nested folders, with captions.jsonl naming each picture's attributes. The
+    bundled demo model (--model demo) knows this world.
+    """
+    from indexer.demo_world import write_library
+
+    with click.progressbar(length=count, label="writing pictures", file=click.get_text_stream("stderr")) as bar:
+        pictures = write_library(directory, count, seed, progress=bar.update)
+    click.echo(f"wrote {len(pictures)} pictures and captions.jsonl to {directory}", err=True)
