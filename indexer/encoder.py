@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import logging
 import os
 import pickle
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,62 +29,18 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from indexer.errors import CheckpointError, ModelError
+from indexer.models import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    DEMO_MODEL,
+    RANDOM_WEIGHTS,
+    ModelId,
+    demo_checkpoint,
+    demo_config,
+    sha256_file,
+)
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-DEMO_MODEL = "demo"
-RANDOM_WEIGHTS = "random"  # explicit random initialisation, for benchmarks and tests
-
-__all__ = [
-    "DEFAULT_MODEL",
-    "DEFAULT_PRETRAINED",
-    "DEMO_MODEL",
-    "RANDOM_WEIGHTS",
-    "Encoder",
-    "ModelId",
-    "demo_checkpoint",
-    "load_encoder",
-]
-
-
-@dataclass(frozen=True)
-class ModelId:
-    """What an index stores to know which model made its vectors.
-
-    Weights are named by their pretrained tag, or by the sha256 of the checkpoint file they came
-    from (the bundled demo model included), so a renamed file is still the same model.
-    """
-
-    architecture: str
-    pretrained: str | None
-    checkpoint_sha256: str | None
-    dim: int
-    image_size: int | tuple[int, int]
-
-    def __str__(self) -> str:
-        weights = self.pretrained or f"sha256:{self.checkpoint_sha256[:12]}"
-        return f"{self.architecture} ({weights}, {self.dim}-d, {self.image_size} px)"
-
-
-def _bundled_demo_dir() -> Path:
-    # An installed wheel carries data/ as indexer/_demo/; a source checkout uses data/ itself.
-    for folder in (Path(__file__).parent / "_demo", Path(__file__).resolve().parent.parent / "data"):
-        if (folder / "demo.json").is_file():
-            return folder
-    raise ModelError("the bundled demo model is missing from this installation: reinstall clipseek")
-
-
-def demo_checkpoint() -> Path:
-    """The bundled demo model's weights (safetensors)."""
-    return _bundled_demo_dir() / "demo.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["Encoder", "load_encoder"]
 
 
 def _check_architecture(name: str) -> None:
@@ -185,7 +139,7 @@ def load_encoder(
     Raises ModelError (or CheckpointError) with a message that says what to do.
     """
     if model == DEMO_MODEL:
-        open_clip.add_model_config(_bundled_demo_dir() / "demo.json")
+        open_clip.add_model_config(demo_config())
         if checkpoint is None and pretrained is None:
             checkpoint = demo_checkpoint()
     _check_architecture(model)
@@ -201,7 +155,7 @@ def load_encoder(
         weights = Path(checkpoint)
         if not weights.is_file():
             raise CheckpointError(f"checkpoint {weights} does not exist")
-        pretrained, sha256 = None, _sha256(weights)
+        pretrained, sha256 = None, sha256_file(weights)
     elif pretrained == RANDOM_WEIGHTS:
         weights, sha256 = None, None
     else:
@@ -283,12 +237,17 @@ class Encoder:
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Embed RGB PIL images: (n, dim) float32, each row of unit length."""
-        rows = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                pixels = torch.stack([self.preprocess(image) for image in images[start : start + batch_size]])
-                rows.append(self.model.encode_image(pixels.to(self.device), normalize=True).float().cpu().numpy())
+        rows = [
+            self.embed_preprocessed([self.preprocess(image) for image in images[start : start + batch_size]])
+            for start in range(0, len(images), batch_size)
+        ]
         return np.concatenate(rows) if rows else np.zeros((0, self.model_id.dim), np.float32)
+
+    def embed_preprocessed(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+        """Embed one batch of images already put through `preprocess` (as the indexer's workers do)."""
+        with torch.inference_mode():
+            batch = torch.stack(list(pixels)).to(self.device)
+            return self.model.encode_image(batch, normalize=True).float().cpu().numpy()
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True) -> np.ndarray:
         """Embed texts: (n, dim) float32, each row of unit length.

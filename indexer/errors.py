@@ -1,8 +1,13 @@
 """One exception hierarchy for clipseek (both packages).
 
     ClipseekError          anything clipseek raises on purpose; the message says what to do
-    └── ModelError         a model cannot be built or its weights cannot be found
-        └── CheckpointError  a checkpoint file is missing, unreadable, unsafe or does not fit
+    ├── ModelError         a model cannot be built or its weights cannot be found
+    │   └── CheckpointError  a checkpoint file is missing, unreadable, unsafe or does not fit
+    ├── BadFileError       one input file cannot be read: recorded with its reason and skipped
+    └── StoreError         an index cannot be used as asked
+        ├── IndexNotFoundError   there is no index there
+        ├── IndexLockedError     another process is writing to it
+        └── ModelMismatchError   it was made with another model
 
 Library code raises these; only the CLI and HTTP edges turn them into messages and exit codes.
 """
@@ -18,3 +23,23 @@ class ModelError(ClipseekError):
 
 class CheckpointError(ModelError):
     """A checkpoint file is missing, unreadable, unsafe to load, or does not fit the architecture."""
+
+
+class BadFileError(ClipseekError):
+    """One input file cannot be read; the message is the reason recorded for it."""
+
+
+class StoreError(ClipseekError):
+    """An index cannot be used as asked (missing, busy, made by another model or clipseek)."""
+
+
+class IndexNotFoundError(StoreError):
+    """There is no index at the given place."""
+
+
+class IndexLockedError(StoreError):
+    """Another process is writing to the index; one writer at a time."""
+
+
+class ModelMismatchError(StoreError):
+    """The index was made with another model than the one asked for."""

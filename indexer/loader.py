@@ -1,0 +1,188 @@
+"""Read what gets indexed: walk folders, stat and hash files, decode pictures. No torch here.
+
+Paths are bytes throughout, as the operating system gives them, so a name that is not valid
+UTF-8 is stored and returned unchanged. Decoding yields an RGB PIL image just above the model's
+input size (JPEG draft mode lets libjpeg scale down while decoding); the pipeline applies the
+model's own preprocessing to it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from indexer.errors import BadFileError
+from indexer.models import sha256_file
+
+IMAGE_SUFFIXES = frozenset(b".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .avif .heic .heif".split())
+# Only these decoders are ever tried, whatever a file's name says: a PDF or FITS file renamed
+# .jpg is refused instead of being handed to a decoder nobody meant to expose.
+# (Multi-picture JPEGs from cameras open through the JPEG decoder, as format "MPO".)
+FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "AVIF"]
+try:  # HEIC/HEIF with the optional extra: pip install 'clipseek[heif]'
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    FORMATS.append("HEIF")
+except ImportError:
+    pass
+
+# Pillow warns from 89 MP and refuses from 179 MP (DecompressionBombError, raised from the
+# header alone). Pictures in between are legitimate (a 12,000 × 8,000 photo is 96 MP): draft
+# mode keeps their decoding small, so the warning is noise here.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+_EXIF_IFD, _DATE_TIME_ORIGINAL, _DATE_TIME = 0x8769, 36867, 306
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file found by a walk: its path (bytes) and what stat said of it."""
+
+    path: bytes
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded picture: RGB, upright, at least `side` pixels on its short side where it was larger."""
+
+    image: Image.Image
+    width: int  # of the original picture, upright
+    height: int
+    taken_at: str | None  # EXIF date taken, ISO 8601, when the picture has one
+
+
+def walk(
+    roots: Iterable[bytes],
+    suffixes: frozenset[bytes] = IMAGE_SUFFIXES,
+    on_error: Callable[[bytes, str], None] | None = None,
+) -> Iterator[FileEntry]:
+    """Every file under `roots` whose suffix is in `suffixes`, in a stable order.
+
+    Symbolic links are followed, but each real folder is visited once, so a link loop ends.
+    A folder that cannot be read is reported to `on_error(path, reason)` and skipped; a file
+    that vanishes while the walk runs is skipped.
+    """
+    seen: set[tuple[int, int]] = set()
+    for root in roots:
+        root = os.path.abspath(root)
+        try:
+            info = os.stat(root)
+        except OSError as error:
+            if on_error:
+                on_error(root, _reason(error))
+            continue
+        if stat.S_ISREG(info.st_mode):
+            if os.path.splitext(root)[1].lower() in suffixes:
+                yield FileEntry(root, info.st_size, info.st_mtime_ns)
+            continue
+        stack = [root]
+        seen.add((info.st_dev, info.st_ino))
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
+            except OSError as error:
+                if on_error:
+                    on_error(folder, _reason(error))
+                continue
+            folders = []
+            for entry in entries:
+                try:
+                    info = entry.stat()  # follows links
+                except OSError:  # vanished, or a dangling link
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    if (info.st_dev, info.st_ino) not in seen:
+                        seen.add((info.st_dev, info.st_ino))
+                        folders.append(entry.path)
+                elif stat.S_ISREG(info.st_mode) and os.path.splitext(entry.name)[1].lower() in suffixes:
+                    yield FileEntry(entry.path, info.st_size, info.st_mtime_ns)
+            stack.extend(reversed(folders))
+
+
+def file_hash(path: bytes) -> str:
+    """The sha256 of a file's content: how a moved or renamed file is recognised."""
+    try:
+        return sha256_file(path)
+    except OSError as error:
+        raise BadFileError(_reason(error)) from error
+
+
+def decode_image(path: bytes, side: int) -> DecodedImage:
+    """Decode a picture for a model whose input is `side` pixels square.
+
+    Raises BadFileError with the reason when the file is not a picture clipseek reads.
+    """
+    try:
+        with Image.open(path, formats=FORMATS) as image:
+            width, height = image.size
+            image.seek(0)  # the first frame of an animation
+            if image.format in ("JPEG", "MPO"):
+                image.draft("RGB", (side, side))  # decode at 1/2..1/8 scale, still >= side
+            exif = image.getexif()
+            upright = ImageOps.exif_transpose(image)  # also loads the pixels
+            if exif.get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width
+            return DecodedImage(_to_rgb(upright), width, height, _date_taken(exif))
+    except Image.DecompressionBombError as error:
+        raise BadFileError(f"decompression bomb refused: {error}") from error
+    except UnidentifiedImageError as error:
+        if os.path.getsize(path) == 0:
+            raise BadFileError("empty file") from error
+        raise BadFileError("not a picture in a supported format (" + ", ".join(FORMATS) + ")") from error
+    except FileNotFoundError as error:
+        raise BadFileError("vanished") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Pillow's ways of saying truncated or corrupt
+        raise BadFileError(f"corrupt or truncated picture: {error}") from error
+    except Exception as error:
+        # A decoder fed hostile bytes can fail in any way (KeyError, struct.error, ...); one bad
+        # file must never stop a run.
+        raise BadFileError(f"cannot decode: {type(error).__name__}: {error}") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency flattened onto white and high bit depths scaled, not clipped."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            top = max(float(values.max()), 1e-12)
+        else:
+            top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, P without transparency, ...
+
+
+def _date_taken(exif: Image.Exif) -> str | None:
+    text = exif.get_ifd(_EXIF_IFD).get(_DATE_TIME_ORIGINAL) or exif.get(_DATE_TIME)
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.strptime(text.strip("\x00 "), "%Y:%m:%d %H:%M:%S").isoformat()
+    except ValueError:
+        return None
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)

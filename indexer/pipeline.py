@@ -1,0 +1,348 @@
+"""The Indexer: loader → encoder → store, batched, overlapped, incremental and resumable.
+
+A run walks the folders (only stat calls), compares what it finds with the catalog, and works
+only on what changed: a file with a known size and modification time is left alone; a new or
+changed file is hashed, and reuses a stored embedding when its content is already known (a
+moved, renamed or copied picture); only the rest is decoded, in worker threads that overlap the
+model, and embedded. Each batch commits as one transaction, so a crash loses at most one batch;
+the files that disappeared leave the index only after the walk is complete (mark, walk, sweep).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from indexer.captions import read_captions
+from indexer.config import IndexSettings, index_dir
+from indexer.errors import BadFileError, ClipseekError
+from indexer.loader import FileEntry, decode_image, file_hash, walk
+from indexer.models import DEFAULT_MODEL, DEMO_MODEL, sha256_file
+from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
+
+if TYPE_CHECKING:
+    from indexer.encoder import Encoder
+
+
+@dataclass
+class IndexReport:
+    """What an indexing run did; `failures` lists this run's new failures as (path, reason)."""
+
+    found: int = 0
+    unchanged: int = 0
+    embedded: int = 0
+    reused: int = 0  # new paths whose content was already indexed (copies), not decoded
+    moved: int = 0
+    removed: int = 0
+    failed: int = 0
+    known_failures: int = 0  # failed before and unchanged since: not tried again
+    interrupted: bool = False
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class CaptionReport:
+    collection: str
+    rows: int = 0
+    added: int = 0
+    duplicates: int = 0
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Work:
+    """One new or changed file, after a worker has looked at it."""
+
+    entry: FileEntry
+    sha256: str | None = None
+    pixels: Any = None  # the model's input tensor, when the file had to be decoded
+    width: int = 0
+    height: int = 0
+    taken_at: str | None = None
+    failure: str | None = None
+
+
+class Indexer:
+    """Indexes folders and caption files into a Store opened for writing.
+
+    `encoder` is a callable that loads the model: it is called only when something has to be
+    embedded, so a rescan of an unchanged library never loads torch.
+    """
+
+    def __init__(self, store: Store, encoder: Callable[[], Encoder], settings: IndexSettings | None = None):
+        self.store = store
+        self._load_encoder = encoder
+        self._encoder: Encoder | None = None
+        self._encoder_lock = threading.Lock()  # decoding workers may be the first to need it
+        self.settings = settings or IndexSettings()
+
+    @classmethod
+    def open(
+        cls,
+        index: str | os.PathLike | None = None,
+        model: str | None = None,
+        pretrained: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        download: bool = False,
+        settings: IndexSettings | None = None,
+    ) -> Indexer:
+        """Open (or create) an index for writing, with its model.
+
+        A new index loads the model asked for (default ViT-B-32 / laion2b_s34b_b79k) and
+        remembers it. An existing index reloads its own model when it first needs it; asking
+        for another model is a ModelMismatchError.
+        """
+        from indexer.encoder import load_encoder  # torch: only when a model is needed
+
+        store = Store.open(index_dir(index), write=True, create=True)
+        try:
+            stored = store.model_id
+            if stored is None:
+                encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, download=download)
+                store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
+                return cls(store, lambda: encoder, settings)
+            for asked, has in ((model, stored.architecture), (pretrained, stored.pretrained)):
+                if asked is not None and asked != has:
+                    raise store.mismatch(asked)
+            if checkpoint is not None and sha256_file(checkpoint) != stored.checkpoint_sha256:
+                raise store.mismatch(checkpoint)
+        except BaseException:
+            store.close()
+            raise
+
+        def reload() -> Encoder:
+            source = checkpoint or store.model_checkpoint
+            if stored.architecture == DEMO_MODEL and checkpoint is None:
+                source = None  # the bundled weights, wherever this installation keeps them
+            encoder = load_encoder(stored.architecture, stored.pretrained, source, download=download)
+            store.claim_model(encoder.model_id, None)  # the same model, or ModelMismatchError
+            return encoder
+
+        return cls(store, reload, settings)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Indexer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def encoder(self) -> Encoder:
+        with self._encoder_lock:
+            if self._encoder is None:
+                self._encoder = self._load_encoder()
+            return self._encoder
+
+    def index(
+        self,
+        roots: Iterable[str | os.PathLike],
+        progress: Callable[[int, int], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> IndexReport:
+        """Bring the index up to date with the pictures under `roots`.
+
+        `progress(done, total)` is called as files needing work are done; `stop`, when set,
+        ends the run after the current batch with everything so far committed.
+        """
+        started = time.monotonic()
+        roots = [os.fsencode(os.path.abspath(root)) for root in roots]
+        for root in roots:
+            if not os.path.exists(root):
+                # Never sweep a folder that is only missing for now (an unplugged disk).
+                raise ClipseekError(f"{os.fsdecode(root)} does not exist; nothing was changed")
+        report = IndexReport()
+        stored = self.store.catalog.images()
+        known_failures = self.store.catalog.failures()
+        walk_failures: list[tuple[bytes, str]] = []
+        seen: set[bytes] = set()
+        todo: list[FileEntry] = []
+        for entry in walk(roots, on_error=lambda path, reason: walk_failures.append((path, reason))):
+            seen.add(entry.path)
+            item = stored.get(entry.path)
+            if item and (item.size, item.mtime_ns) == (entry.size, entry.mtime_ns):
+                report.unchanged += 1
+            elif known_failures.get(entry.path) == (entry.size, entry.mtime_ns):
+                report.known_failures += 1
+            else:
+                todo.append(entry)
+        report.found = len(seen)
+        missing = {
+            path: item for path, item in stored.items() if path not in seen and any(is_under(path, r) for r in roots)
+        }
+        with self.store.write() as writer:
+            writer.forget_failures([p for p in known_failures if p not in seen and any(is_under(p, r) for r in roots)])
+            for path, reason in walk_failures:  # folders that could not be read
+                writer.record_failure(path, reason, None, None)
+                report.failures.append((os.fsdecode(path), reason))
+        report.failed += len(walk_failures)
+        _Run(self, report, stored, missing).process(todo, progress, stop)
+        if not report.interrupted:
+            with self.store.write() as writer:
+                writer.delete_items([item.id for item in missing.values()])
+            report.removed += len(missing)
+        self.store.flush()
+        report.seconds = time.monotonic() - started
+        return report
+
+    def add_captions(
+        self, path: str | os.PathLike, collection: str, file_format: str | None = None, batch_size: int = 256
+    ) -> CaptionReport:
+        """Embed a caption file into `collection`; exact duplicates are stored once."""
+        started = time.monotonic()
+        parsed = read_captions(path, file_format)
+        report = CaptionReport(collection, rows=len(parsed.rows), problems=parsed.problems)
+        known = self.store.catalog.captions(collection)
+        fresh = []
+        for row in parsed.rows:
+            if row.caption in known:
+                report.duplicates += 1
+            else:
+                known.add(row.caption)
+                fresh.append(row)
+        for start in range(0, len(fresh), batch_size):
+            rows = fresh[start : start + batch_size]
+            vectors = self.encoder.embed_texts([row.caption for row in rows])
+            captions = [NewCaption(r.caption, r.ref, r.image, v) for r, v in zip(rows, vectors, strict=True)]
+            with self.store.write() as writer:
+                writer.add_captions(collection, captions)
+            report.added += len(rows)
+        self.store.flush()
+        report.seconds = time.monotonic() - started
+        return report
+
+
+class _Run:
+    """The state of one index run: pending changes, committed in batches."""
+
+    def __init__(self, indexer: Indexer, report: IndexReport, stored: dict[bytes, StoredImage], missing: dict):
+        self.indexer = indexer
+        self.store = indexer.store
+        self.report = report
+        self.stored = stored
+        self.known_hashes = {item.sha256 for item in stored.values()}
+        self.missing_by_hash: dict[str, list[StoredImage]] = {}
+        for item in missing.values():
+            self.missing_by_hash.setdefault(item.sha256, []).append(item)
+        self.missing = missing
+        self.pending: list[_Work] = []
+
+    def process(self, todo: list[FileEntry], progress, stop: threading.Event | None) -> None:
+        settings = self.indexer.settings
+        size = self.store.model_id.image_size
+        self.side = size if isinstance(size, int) else max(size)
+        done = 0
+        with ThreadPoolExecutor(settings.workers, thread_name_prefix="clipseek-decode") as pool:
+            for work in _ordered(pool, self._look, todo, 4 * settings.batch_size):
+                self.pending.append(work)
+                done += 1
+                if len(self.pending) >= settings.batch_size:
+                    self._commit()
+                    if progress:
+                        progress(done, len(todo))
+                    if stop is not None and stop.is_set():
+                        self.report.interrupted = True
+                        pool.shutdown(cancel_futures=True)
+                        break
+        if not self.report.interrupted:
+            self._commit()
+        if progress:
+            progress(done, len(todo))
+
+    def _look(self, entry: FileEntry) -> _Work:
+        """In a worker thread: hash the file; decode and preprocess it unless its content is known."""
+        work = _Work(entry)
+        try:
+            work.sha256 = file_hash(entry.path)
+            if work.sha256 not in self.known_hashes:  # else a move, a copy or a touch
+                self._decode(work)
+        except BadFileError as error:
+            work.failure = str(error)
+        return work
+
+    def _decode(self, work: _Work) -> None:
+        decoded = decode_image(work.entry.path, self.side)
+        work.pixels = self.indexer.encoder.preprocess(decoded.image)
+        work.width, work.height = decoded.width, decoded.height
+        work.taken_at = decoded.taken_at or datetime.fromtimestamp(work.entry.mtime_ns / 1e9).isoformat()
+
+    def _commit(self) -> None:
+        """Embed the pending batch and commit it, with its moves, copies and failures, as one transaction."""
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        report = self.report
+        with self.store.write() as writer:
+            for work in batch:
+                old = self.stored.get(work.entry.path)
+                if work.failure is None and old is not None and old.sha256 == work.sha256:
+                    writer.touch_image(old.id, work.entry.size, work.entry.mtime_ns)  # same content, new time
+                    report.unchanged += 1
+                    continue
+                if old is not None:
+                    writer.delete_items([old.id])  # changed content: the old embedding goes
+                candidates = self.missing_by_hash.get(work.sha256) if work.failure is None else None
+                if candidates:
+                    moved = candidates.pop()
+                    del self.missing[moved.path]
+                    writer.move_image(moved.id, work.entry.path, work.entry.size, work.entry.mtime_ns)
+                    report.moved += 1
+                elif work.failure is None and work.pixels is None:
+                    self._copy_or_decode(work, writer)
+            decoded = [work for work in batch if work.failure is None and work.pixels is not None]
+            vectors = self.indexer.encoder.embed_preprocessed([w.pixels for w in decoded]) if decoded else []
+            writer.add_images([_new_image(work, vector) for work, vector in zip(decoded, vectors, strict=True)])
+            report.embedded += len(decoded)
+            self.known_hashes.update(work.sha256 for work in decoded)
+            for work in batch:
+                if work.failure is not None and work.failure != "vanished":
+                    writer.record_failure(work.entry.path, work.failure, work.entry.size, work.entry.mtime_ns)
+                    report.failed += 1
+                    report.failures.append((os.fsdecode(work.entry.path), work.failure))
+
+    def _copy_or_decode(self, work: _Work, writer) -> None:
+        """A new path with known content: reuse the stored embedding, or decode after all."""
+        source = self.store.catalog.image_like(work.sha256)
+        if source is None:  # its only copy left the index earlier in this run
+            try:
+                self._decode(work)
+            except BadFileError as error:
+                work.failure = str(error)
+            return
+        work.width, work.height, work.taken_at = source.width, source.height, source.taken_at
+        writer.add_images([_new_image(work, source.vector)])
+        self.report.reused += 1
+
+
+def _new_image(work: _Work, vector: np.ndarray) -> NewImage:
+    entry = work.entry
+    return NewImage(entry.path, entry.size, entry.mtime_ns, work.sha256, work.width, work.height, work.taken_at, vector)
+
+
+def _ordered(pool: ThreadPoolExecutor, function, items: list, window: int) -> Iterator:
+    """pool.map, in order, with at most `window` tasks in flight (bounded memory)."""
+    queue: deque[Future] = deque()
+    source = iter(items)
+    for item in source:
+        queue.append(pool.submit(function, item))
+        if len(queue) >= window:
+            break
+    while queue:
+        result = queue.popleft().result()
+        for item in source:
+            queue.append(pool.submit(function, item))
+            break
+        yield result

@@ -1,0 +1,272 @@
+"""The on-disk index: a folder holding the catalog (the truth) and the vector files derived from it.
+
+    catalog.sqlite            items, their embeddings, failures, model identity, generation
+    image.faiss, text.faiss   one vector file per modality, stamped with the generation
+    writer.lock               held (flock) by the one process writing; holds its pid
+
+The Store keeps the two in agreement: every write goes through `Store.write()`, which commits
+the catalog first and then applies the same change to the in-memory vector indexes; `flush()`
+saves those, stamped. A vector file that is missing, truncated or stale is rebuilt from the
+catalog, never served.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError
+from indexer.models import ModelId
+from indexer.store.catalog import Catalog, NewCaption, NewImage, StoredImage, Writer
+from indexer.store.vectors import VectorIndex, remove_files
+
+__all__ = ["NewCaption", "NewImage", "Store", "StoreStatus", "StoredImage", "is_under"]
+
+MODALITIES = ("image", "text")
+CATALOG = "catalog.sqlite"
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    path: str
+    model: ModelId | None
+    index_type: str
+    generation: int
+    updated_at: float | None
+    counts: list[tuple[str, str | None, int]]  # (modality, collection, items)
+    failures: int
+    bytes_on_disk: dict[str, int]
+
+
+class Store:
+    """One index folder, opened for reading or (by one process at a time) for writing."""
+
+    def __init__(self, root: Path, catalog: Catalog, lock: int | None):
+        self.root = root
+        self.catalog = catalog
+        self._lock = lock
+        self._vectors: dict[str, VectorIndex] = {}
+        self._dirty: set[str] = set()
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, write: bool = False, create: bool = False) -> Store:
+        root = Path(root)
+        if not (root / CATALOG).is_file():
+            if not create:
+                raise IndexNotFoundError(f"no index at {root}: create one with `clipseek index FOLDER`")
+            root.mkdir(parents=True, exist_ok=True)
+        lock = _take_writer_lock(root) if write else None
+        return cls(root, Catalog(root / CATALOG, readonly=not write), lock)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self.flush()
+        self.catalog.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the model -------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> ModelId | None:
+        stored = self.catalog.get("model")
+        return ModelId.from_dict(json.loads(stored)) if stored else None
+
+    @property
+    def model_checkpoint(self) -> str | None:
+        """The checkpoint path the model was loaded from, if it came from a file."""
+        return self.catalog.get("model_checkpoint")
+
+    def claim_model(self, model_id: ModelId, checkpoint: str | None) -> None:
+        """Record the model of a new index; an index that has one only accepts the same."""
+        stored = self.model_id
+        if stored is None:
+            with self.catalog.write() as writer:
+                writer.set("model", model_id.to_dict())
+                if checkpoint:
+                    writer.set("model_checkpoint", str(Path(checkpoint).resolve()))
+        elif stored != model_id:
+            raise self.mismatch(model_id)
+
+    def mismatch(self, asked: object) -> ModelMismatchError:
+        return ModelMismatchError(
+            f"the index at {self.root} was made with {self.model_id}, not {asked}; "
+            "leave out the model options to use its own model, or choose another --index"
+        )
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[StoreWriter]:
+        """One catalog transaction; after it commits, the vector indexes get the same change."""
+        for modality in MODALITIES:  # loaded (or rebuilt) before the catalog changes
+            self._vector_index(modality)
+        with self.catalog.write() as writer:
+            store_writer = StoreWriter(writer)
+            yield store_writer
+        for modality, (ids, vectors) in store_writer.added.items():
+            self._vector_index(modality).add(np.asarray(ids), np.stack(vectors))
+            self._dirty.add(modality)
+        if store_writer.removed:
+            for modality in MODALITIES:
+                self._vector_index(modality).remove(store_writer.removed)
+                self._dirty.add(modality)
+
+    def flush(self) -> None:
+        """Save the vector files that changed, stamped with the catalog generation."""
+        generation = self.catalog.generation()
+        for modality in sorted(self._dirty):
+            self._vectors[modality].save(self._vector_path(modality), generation)
+        self._dirty.clear()
+
+    def remove(self, paths: list[str | os.PathLike] = (), collection: str | None = None) -> int:
+        """Remove the pictures at or under `paths`, and the captions of `collection`; returns how many."""
+        targets = [os.fsencode(os.path.abspath(path)) for path in paths]
+        images = self.catalog.images()
+        ids = [item.id for path, item in images.items() if any(is_under(path, target) for target in targets)]
+        with self.write() as writer:
+            writer.delete_items(ids)
+            removed = len(ids) + (writer.delete_collection(collection) if collection else 0)
+        self.flush()
+        return removed
+
+    # -- vectors ---------------------------------------------------------------------------
+
+    def _vector_path(self, modality: str) -> Path:
+        return self.root / f"{modality}.faiss"
+
+    def _vector_index(self, modality: str) -> VectorIndex:
+        """The vector index of a modality: its file when fresh, else rebuilt from the catalog."""
+        if modality not in self._vectors:
+            index, _ = VectorIndex.load(self._vector_path(modality), self.catalog.generation())
+            if index is None:
+                index = self._rebuild(modality)
+                if self._lock is not None:
+                    self._dirty.add(modality)
+            self._vectors[modality] = index
+        return self._vectors[modality]
+
+    def vectors(self, modality: str) -> VectorIndex:
+        return self._vector_index(modality)
+
+    def _rebuild(self, modality: str) -> VectorIndex:
+        ids, vectors = self.catalog.vectors(modality)
+        return VectorIndex.build(self.model_id.dim, ids, vectors)
+
+    def check(self) -> list[str]:
+        """Everything that disagrees between catalog and vector files; empty when consistent."""
+        problems = self.catalog.integrity_problems()
+        generation = self.catalog.generation()
+        for modality in MODALITIES:
+            path = self._vector_path(modality)
+            ids, _ = self.catalog.vectors(modality)
+            if not len(ids) and not path.exists():
+                continue
+            index, problem = VectorIndex.load(path, generation)
+            if index is None:
+                problems.append(f"{path.name}: {problem}")
+            elif not np.array_equal(np.sort(index.ids()), ids):
+                problems.append(f"{path.name}: its ids differ from the catalog's {modality} items")
+        return problems
+
+    def repair(self) -> None:
+        """Rebuild every vector file from the catalog."""
+        for modality in MODALITIES:
+            remove_files(self._vector_path(modality))
+            self._vectors[modality] = self._rebuild(modality)
+            self._dirty.add(modality)
+        self.flush()
+
+    def status(self) -> StoreStatus:
+        sizes = {}
+        for name in (CATALOG, CATALOG + "-wal", "image.faiss", "text.faiss"):
+            if (self.root / name).exists():
+                sizes[name] = (self.root / name).stat().st_size
+        updated = self.catalog.get("updated_at")
+        return StoreStatus(
+            path=str(self.root),
+            model=self.model_id,
+            index_type=f"{VectorIndex.kind} (exact search)",
+            generation=self.catalog.generation(),
+            updated_at=float(updated) if updated else None,
+            counts=self.catalog.counts(),
+            failures=self.catalog.failure_count(),
+            bytes_on_disk=sizes,
+        )
+
+
+class StoreWriter:
+    """The changes of one Store.write() transaction, mirrored into the vector indexes on commit."""
+
+    def __init__(self, writer: Writer):
+        self._writer = writer
+        self.added: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        self.removed: list[int] = []
+
+    def _added(self, modality: str, ids: list[int], vectors: list[np.ndarray]) -> list[int]:
+        known_ids, known_vectors = self.added.setdefault(modality, ([], []))
+        known_ids.extend(ids)
+        known_vectors.extend(vectors)
+        return ids
+
+    def add_images(self, images: list[NewImage]) -> list[int]:
+        return self._added("image", self._writer.add_images(images), [image.vector for image in images])
+
+    def add_captions(self, collection: str, captions: list[NewCaption]) -> list[int]:
+        return self._added("text", self._writer.add_captions(collection, captions), [c.vector for c in captions])
+
+    def delete_items(self, ids: list[int]) -> None:
+        self._writer.delete_items(ids)
+        self.removed.extend(ids)
+
+    def delete_collection(self, collection: str) -> int:
+        ids = self._writer.collection_ids(collection)
+        self.delete_items(ids)
+        return len(ids)
+
+    def move_image(self, item_id: int, path: bytes, size: int, mtime_ns: int) -> None:
+        self._writer.move_image(item_id, path, size, mtime_ns)
+
+    def touch_image(self, item_id: int, size: int, mtime_ns: int) -> None:
+        self._writer.touch_image(item_id, size, mtime_ns)
+
+    def record_failure(self, path: bytes, reason: str, size: int | None, mtime_ns: int | None) -> None:
+        self._writer.record_failure(path, reason, size, mtime_ns)
+
+    def forget_failures(self, paths: list[bytes]) -> None:
+        self._writer.forget_failures(paths)
+
+
+def _take_writer_lock(root: Path) -> int:
+    """flock on writer.lock: one writer at a time, released by the OS even on kill -9."""
+    descriptor = os.open(root / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(descriptor)
+        raise IndexLockedError(
+            f"the index at {root} is being written by process {holder}; wait for it to finish"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+    return descriptor
+
+
+def is_under(path: bytes, root: bytes) -> bool:
+    """Whether `path` is `root` or inside it."""
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")

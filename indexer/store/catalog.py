@@ -1,0 +1,353 @@
+"""The catalog: an index's source of truth, in SQLite through SQLAlchemy (the only importer).
+
+It holds every item (a picture or a caption) with its embedding, the files that failed and why,
+the model identity and a generation counter that every committed change bumps. The vector files
+are derived from it. SQLite runs in WAL mode, so readers are never blocked by the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    cast,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from indexer.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+meta = Table("meta", metadata, Column("key", String, primary_key=True), Column("value", String, nullable=False))
+items = Table(
+    "items",
+    metadata,
+    # AUTOINCREMENT: ids are never reused, so a vector file can never map an old id to a new item.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("modality", String, nullable=False),  # "image" | "text"
+    Column("path", LargeBinary),  # image: the file path, bytes exactly as the OS gave them
+    Column("display", String),  # image: the path as text, undecodable bytes replaced
+    Column("caption", String),  # text
+    Column("collection", String),  # text: its caption collection
+    Column("ref", String),  # text: the id column of its caption file
+    Column("image_ref", String),  # text: the image-path column of its caption file
+    Column("size", Integer),
+    Column("mtime_ns", Integer),
+    Column("sha256", String),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("taken_at", String),  # ISO 8601: EXIF date taken, else the file's modification time
+    Column("added_at", Float, nullable=False),
+    sqlite_autoincrement=True,
+)
+embeddings = Table(
+    "embeddings",
+    metadata,
+    Column("item_id", Integer, ForeignKey("items.id"), primary_key=True),
+    Column("vector", LargeBinary, nullable=False),  # float32, little-endian
+)
+failures = Table(
+    "failures",
+    metadata,
+    Column("path", LargeBinary, primary_key=True),
+    Column("display", String, nullable=False),
+    Column("reason", String, nullable=False),
+    Column("size", Integer),
+    Column("mtime_ns", Integer),
+    Column("at", Float, nullable=False),
+)
+_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS image_path ON items (path) WHERE modality = 'image'",
+    "CREATE UNIQUE INDEX IF NOT EXISTS text_caption ON items (collection, caption) WHERE modality = 'text'",
+    "CREATE INDEX IF NOT EXISTS item_hash ON items (sha256)",
+)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """What the catalog knows of an indexed picture, enough to decide whether to look again."""
+
+    id: int
+    path: bytes
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class NewImage:
+    path: bytes
+    size: int
+    mtime_ns: int
+    sha256: str
+    width: int
+    height: int
+    taken_at: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class NewCaption:
+    caption: str
+    ref: str | None
+    image_ref: str | None
+    vector: np.ndarray
+
+
+def display_path(path: bytes) -> str:
+    return path.decode("utf-8", "replace")
+
+
+class Catalog:
+    """One catalog.sqlite. Writes happen inside `write()`, which commits as one transaction."""
+
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = path
+        url = f"sqlite:///file:{path}?mode=ro&uri=true" if readonly else f"sqlite:///{path}"
+        self.engine = create_engine(url)
+        event.listen(self.engine, "connect", self._on_connect)
+        if not readonly:
+            self._migrate()
+
+    @staticmethod
+    def _on_connect(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 10000")
+        cursor.execute("PRAGMA synchronous = NORMAL")  # with WAL: a crash loses no committed batch
+        cursor.close()
+
+    def _migrate(self) -> None:
+        with self.engine.begin() as connection:
+            connection.exec_driver_sql("PRAGMA journal_mode = WAL")
+            version = connection.exec_driver_sql("PRAGMA user_version").scalar()
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} was written by a newer clipseek (schema {version}); upgrade clipseek")
+            if version < 1:
+                metadata.create_all(connection)
+                for statement in _INDEXES:
+                    connection.exec_driver_sql(statement)
+                connection.execute(insert(meta).values(key="generation", value="0"))
+                connection.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> str | None:
+        with self.engine.connect() as connection:
+            return connection.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+
+    def generation(self) -> int:
+        return int(self.get("generation") or 0)
+
+    def images(self) -> dict[bytes, StoredImage]:
+        query = select(items.c.id, items.c.path, items.c.size, items.c.mtime_ns, items.c.sha256).where(
+            items.c.modality == "image"
+        )
+        with self.engine.connect() as connection:
+            return {row.path: StoredImage(*row) for row in connection.execute(query)}
+
+    def failures(self) -> dict[bytes, tuple[int, int]]:
+        """Failed files and the (size, mtime_ns) they failed with."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(failures.c.path, failures.c.size, failures.c.mtime_ns))
+            return {row.path: (row.size, row.mtime_ns) for row in rows}
+
+    def failure_list(self, limit: int | None = None) -> list[tuple[str, str]]:
+        with self.engine.connect() as connection:
+            query = select(failures.c.display, failures.c.reason).order_by(failures.c.display).limit(limit)
+            return [tuple(row) for row in connection.execute(query)]
+
+    def vectors(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """All ids and embeddings of one modality, ordered by id."""
+        query = (
+            select(embeddings.c.item_id, embeddings.c.vector)
+            .join(items, items.c.id == embeddings.c.item_id)
+            .where(items.c.modality == modality)
+            .order_by(embeddings.c.item_id)
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        if not rows:
+            return ids, np.zeros((0, 0), np.float32)
+        return ids, np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), -1)
+
+    def image_like(self, sha256: str) -> NewImage | None:
+        """A stored picture with this content, to reuse its embedding and metadata for a copy."""
+        query = (
+            select(items, embeddings.c.vector)
+            .join(embeddings, items.c.id == embeddings.c.item_id)
+            .where(items.c.sha256 == sha256, items.c.modality == "image")
+            .limit(1)
+        )
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        if row is None:
+            return None
+        vector = np.frombuffer(row.vector, dtype="<f4")
+        return NewImage(row.path, row.size, row.mtime_ns, sha256, row.width, row.height, row.taken_at, vector)
+
+    def captions(self, collection: str) -> set[str]:
+        query = select(items.c.caption).where(items.c.modality == "text", items.c.collection == collection)
+        with self.engine.connect() as connection:
+            return set(connection.execute(query).scalars())
+
+    def counts(self) -> list[tuple[str, str | None, int]]:
+        """(modality, collection, items) for every modality and collection."""
+        query = (
+            select(items.c.modality, items.c.collection, func.count())
+            .group_by(items.c.modality, items.c.collection)
+            .order_by(items.c.modality, items.c.collection)
+        )
+        with self.engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(query)]
+
+    def failure_count(self) -> int:
+        with self.engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(failures)).scalar()
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's integrity_check, and items whose embedding is missing; empty when sound."""
+        with self.engine.connect() as connection:
+            found = [row[0] for row in connection.exec_driver_sql("PRAGMA integrity_check")]
+            problems = [] if found == ["ok"] else [f"SQLite integrity_check: {line}" for line in found]
+            orphans = connection.execute(
+                select(func.count()).select_from(items.outerjoin(embeddings)).where(embeddings.c.item_id.is_(None))
+            ).scalar()
+        if orphans:
+            problems.append(f"{orphans} items have no embedding")
+        return problems
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Writer]:
+        """One transaction; the generation is bumped when it commits with changes."""
+        with self.engine.begin() as connection:
+            writer = Writer(connection)
+            yield writer
+            if writer.changed:
+                connection.execute(
+                    update(meta).where(meta.c.key == "generation").values(value=cast(meta.c.value, Integer) + 1)
+                )
+                connection.execute(
+                    insert(meta).prefix_with("OR REPLACE").values(key="updated_at", value=str(time.time()))
+                )
+
+
+class Writer:
+    """The changes one transaction can make; see Catalog.write."""
+
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self.changed = False
+
+    def set(self, key: str, value: str | dict) -> None:
+        value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        self.connection.execute(insert(meta).prefix_with("OR REPLACE").values(key=key, value=value))
+        self.changed = True
+
+    def _add_items(self, rows: list[dict], vectors: Iterable[np.ndarray]) -> list[int]:
+        ids = [self.connection.execute(insert(items).values(**row)).inserted_primary_key[0] for row in rows]
+        self.connection.execute(
+            insert(embeddings),
+            [{"item_id": i, "vector": v.astype("<f4").tobytes()} for i, v in zip(ids, vectors, strict=True)],
+        )
+        self.changed = True
+        return ids
+
+    def add_images(self, images: list[NewImage]) -> list[int]:
+        now = time.time()
+        rows = [
+            {
+                "modality": "image",
+                "path": image.path,
+                "display": display_path(image.path),
+                "size": image.size,
+                "mtime_ns": image.mtime_ns,
+                "sha256": image.sha256,
+                "width": image.width,
+                "height": image.height,
+                "taken_at": image.taken_at,
+                "added_at": now,
+            }
+            for image in images
+        ]
+        if rows:
+            self.connection.execute(delete(failures).where(failures.c.path.in_([image.path for image in images])))
+        return self._add_items(rows, (image.vector for image in images)) if rows else []
+
+    def add_captions(self, collection: str, captions: list[NewCaption]) -> list[int]:
+        now = time.time()
+        rows = [
+            {
+                "modality": "text",
+                "caption": c.caption,
+                "collection": collection,
+                "ref": c.ref,
+                "image_ref": c.image_ref,
+                "added_at": now,
+            }
+            for c in captions
+        ]
+        return self._add_items(rows, (c.vector for c in captions)) if rows else []
+
+    def move_image(self, item_id: int, path: bytes, size: int, mtime_ns: int) -> None:
+        """A picture found under a new path with the same content keeps its id and embedding."""
+        self.connection.execute(
+            update(items)
+            .where(items.c.id == item_id)
+            .values(path=path, display=display_path(path), size=size, mtime_ns=mtime_ns)
+        )
+        self.connection.execute(delete(failures).where(failures.c.path == path))
+        self.changed = True
+
+    def touch_image(self, item_id: int, size: int, mtime_ns: int) -> None:
+        """Same path, same content, new file time (a copy back, a touch): nothing to embed."""
+        self.connection.execute(update(items).where(items.c.id == item_id).values(size=size, mtime_ns=mtime_ns))
+        self.changed = True
+
+    def delete_items(self, ids: list[int]) -> None:
+        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            self.connection.execute(delete(embeddings).where(embeddings.c.item_id.in_(chunk)))
+            self.connection.execute(delete(items).where(items.c.id.in_(chunk)))
+        self.changed = self.changed or bool(ids)
+
+    def collection_ids(self, collection: str) -> list[int]:
+        query = select(items.c.id).where(items.c.modality == "text", items.c.collection == collection)
+        return list(self.connection.execute(query).scalars())
+
+    def record_failure(self, path: bytes, reason: str, size: int | None, mtime_ns: int | None) -> None:
+        row = {"path": path, "display": display_path(path), "reason": reason, "size": size, "mtime_ns": mtime_ns}
+        self.connection.execute(insert(failures).prefix_with("OR REPLACE").values(**row, at=time.time()))
+        self.changed = True
+
+    def forget_failures(self, paths: list[bytes]) -> None:
+        for start in range(0, len(paths), 500):
+            self.connection.execute(delete(failures).where(failures.c.path.in_(paths[start : start + 500])))
+        self.changed = self.changed or bool(paths)
