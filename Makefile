@@ -15,10 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Generate a demo library, then find the query's pictures in it with the bundled demo model.
+# Generate a demo library, index it with the bundled demo model (an index of its own under
+# $(DEMO_DIR)/home), then rank its pictures for the query.
+demo: export CLIPSEEK_HOME = $(abspath $(DEMO_DIR))/home
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/clipseek demo $(DEMO_DIR)/library --count 200
+	$(BIN)/clipseek index $(DEMO_DIR)/library --model demo
+	$(BIN)/clipseek add-captions $(DEMO_DIR)/library/captions.jsonl --collection demo
+	$(BIN)/clipseek status
 	$(BIN)/python data/rank_demo.py $(DEMO_DIR)/library "$(DEMO_QUERY)"
 
 lint: $(STAMP)
@@ -29,6 +34,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m tests.bench --out bench-report.json
 
 clean:

@@ -18,6 +18,7 @@ the diagonal only. AdamW, linear warm-up then cosine decay. Weights are saved as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import sys
@@ -37,20 +38,31 @@ sys.path.insert(0, str(HERE.parent))
 from indexer import demo_world as world  # noqa: E402
 
 OPTIONAL = ("size", "colour", "position", "background")
+GROUP = 4  # scenes per group: one drawn at random, the others one attribute away from it
+
+
+def variant(scene: world.Scene, rng: np.random.Generator) -> world.Scene:
+    """The scene with one attribute changed: a hard negative that only that attribute tells apart."""
+    attribute = world.ATTRIBUTES[rng.integers(len(world.ATTRIBUTES))]
+    values = [v for v in world.VALUES[attribute] if v != getattr(scene, attribute)]
+    return dataclasses.replace(scene, **{attribute: values[rng.integers(len(values))]})
 
 
 def batch(step: int, size: int, seed: int, preprocess, tokenizer):
     rng = np.random.default_rng([seed, step])
     scenes, images, keeps = [], [], []
-    for _ in range(size):
-        scene = world.random_scene(rng)
-        image = world.render(scene, int(rng.integers(64, 321)), rng)
-        if rng.random() < 0.5:
+    while len(scenes) < size:
+        group = [world.random_scene(rng)]
+        group += [variant(group[0], rng) for _ in range(GROUP - 1)]
+        scenes.extend(group)
+    scenes = scenes[:size]
+    for scene in scenes:
+        image = world.render(scene, int(rng.choice(world.LIBRARY_SIDES)), rng)
+        if rng.random() < 0.3:
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=int(rng.integers(60, 96)))
             image = Image.open(buffer).convert("RGB")
-        keep = OPTIONAL if rng.random() < 0.5 else tuple(a for a in OPTIONAL if rng.random() < 0.5)
-        scenes.append(scene)
+        keep = OPTIONAL if rng.random() < 0.6 else tuple(a for a in OPTIONAL if rng.random() < 0.5)
         images.append(preprocess(image))
         keeps.append(("shape", *keep))
     texts = [world.caption(s, rng, keep) for s, keep in zip(scenes, keeps, strict=True)]

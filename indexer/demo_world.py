@@ -36,6 +36,13 @@ POSITIONS = {
 BACKGROUNDS = ("grass", "sand", "water", "night")
 LIBRARY_SIDES = (192, 256, 320)  # square, so that centre-cropping keeps every position
 ATTRIBUTES = ("size", "colour", "shape", "position", "background")
+VALUES = {
+    "size": tuple(SIZES),
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "position": tuple(POSITIONS),
+    "background": BACKGROUNDS,
+}
 
 # Several phrasings per attribute, so the model learns the concept rather than one sentence.
 _POSITION_WORDS = {
@@ -51,6 +58,8 @@ _BACKGROUND_WORDS = {
     "water": ("water", "the sea", "blue water"),
     "night": ("a night sky", "a starry night", "the dark night sky"),
 }
+# The order random_scene draws in: changing it would change every seeded library.
+_DRAW_ORDER = [(name, VALUES[name]) for name in ("shape", "colour", "size", "position", "background")]
 _OPENINGS = ("a", "a photo of a", "a picture of a", "an image of a", "a drawing of a")
 
 
@@ -69,13 +78,7 @@ class Scene:
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    return Scene(
-        shape=SHAPES[rng.integers(len(SHAPES))],
-        colour=list(COLOURS)[rng.integers(len(COLOURS))],
-        size=list(SIZES)[rng.integers(len(SIZES))],
-        position=list(POSITIONS)[rng.integers(len(POSITIONS))],
-        background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
-    )
+    return Scene(**{name: values[rng.integers(len(values))] for name, values in _DRAW_ORDER})
 
 
 def caption(scene: Scene, rng: np.random.Generator | None = None, keep: tuple[str, ...] = ATTRIBUTES) -> str:

@@ -110,16 +110,26 @@ def _checkpoint_errors(path: Path, architecture: str):
                 "so clipseek refuses it. Use a .safetensors checkpoint, or a plain state dict "
                 "saved with torch.save."
             ) from error
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {error}") from error
-    except (SafetensorError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {error}") from error
-    except (RuntimeError, KeyError) as error:
-        if "state_dict" in str(error) or isinstance(error, KeyError):
-            raise CheckpointError(
-                f"{path} does not hold weights for the {architecture} architecture; "
-                f"pass the --model it was trained as. ({str(error).splitlines()[0]})"
-            ) from error
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {error}") from error
+        raise _unreadable(path, error) from error
+    except (SafetensorError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise _unreadable(path, error) from error
+    except RuntimeError as error:
+        if "PytorchStreamReader" in str(error):  # torch.load on a damaged zip
+            raise _unreadable(path, error) from error
+        raise _does_not_fit(path, architecture, error) from error
+    except Exception as error:  # open_clip's key conversions and resizing fail in many ways
+        raise _does_not_fit(path, architecture, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated): {error}")
+
+
+def _does_not_fit(path: Path, architecture: str, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} does not hold weights for the {architecture} architecture; "
+        f"pass the --model it was trained as. ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    )
 
 
 def load_encoder(

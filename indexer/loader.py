@@ -40,6 +40,7 @@ except ImportError:
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _EXIF_IFD, _DATE_TIME_ORIGINAL, _DATE_TIME = 0x8769, 36867, 306
+VANISHED = "vanished"  # the reason given for a file deleted while a run was looking at it
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ def file_hash(path: bytes) -> str:
     """The sha256 of a file's content: how a moved or renamed file is recognised."""
     try:
         return sha256_file(path)
+    except FileNotFoundError as error:
+        raise BadFileError(VANISHED) from error
     except OSError as error:
         raise BadFileError(_reason(error)) from error
 
@@ -142,7 +145,7 @@ def decode_image(path: bytes, side: int) -> DecodedImage:
             raise BadFileError("empty file") from error
         raise BadFileError("not a picture in a supported format (" + ", ".join(FORMATS) + ")") from error
     except FileNotFoundError as error:
-        raise BadFileError("vanished") from error
+        raise BadFileError(VANISHED) from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Pillow's ways of saying truncated or corrupt
         raise BadFileError(f"corrupt or truncated picture: {error}") from error

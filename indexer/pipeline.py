@@ -25,7 +25,7 @@ import numpy as np
 from indexer.captions import read_captions
 from indexer.config import IndexSettings, index_dir
 from indexer.errors import BadFileError, ClipseekError
-from indexer.loader import FileEntry, decode_image, file_hash, walk
+from indexer.loader import VANISHED, FileEntry, decode_image, file_hash, walk
 from indexer.models import DEFAULT_MODEL, DEMO_MODEL, sha256_file
 from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
@@ -103,12 +103,12 @@ class Indexer:
         remembers it. An existing index reloads its own model when it first needs it; asking
         for another model is a ModelMismatchError.
         """
-        from indexer.encoder import load_encoder  # torch: only when a model is needed
-
         store = Store.open(index_dir(index), write=True, create=True)
         try:
             stored = store.model_id
             if stored is None:
+                from indexer.encoder import load_encoder  # torch: only where a model is needed
+
                 encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, download=download)
                 store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
                 return cls(store, lambda: encoder, settings)
@@ -122,6 +122,8 @@ class Indexer:
             raise
 
         def reload() -> Encoder:
+            from indexer.encoder import load_encoder
+
             source = checkpoint or store.model_checkpoint
             if stored.architecture == DEMO_MODEL and checkpoint is None:
                 source = None  # the bundled weights, wherever this installation keeps them
@@ -183,14 +185,16 @@ class Indexer:
         missing = {
             path: item for path, item in stored.items() if path not in seen and any(is_under(path, r) for r in roots)
         }
-        with self.store.write() as writer:
-            writer.forget_failures([p for p in known_failures if p not in seen and any(is_under(p, r) for r in roots)])
-            for path, reason in walk_failures:  # folders that could not be read
-                writer.record_failure(path, reason, None, None)
-                report.failures.append((os.fsdecode(path), reason))
-        report.failed += len(walk_failures)
+        gone = [path for path in known_failures if path not in seen and any(is_under(path, r) for r in roots)]
+        if gone or walk_failures:
+            with self.store.write() as writer:
+                writer.forget_failures(gone)
+                for path, reason in walk_failures:  # folders that could not be read
+                    writer.record_failure(path, reason, None, None)
+                    report.failures.append((os.fsdecode(path), reason))
+            report.failed += len(walk_failures)
         _Run(self, report, stored, missing).process(todo, progress, stop)
-        if not report.interrupted:
+        if missing and not report.interrupted:
             with self.store.write() as writer:
                 writer.delete_items([item.id for item in missing.values()])
             report.removed += len(missing)
@@ -308,7 +312,7 @@ class _Run:
             report.embedded += len(decoded)
             self.known_hashes.update(work.sha256 for work in decoded)
             for work in batch:
-                if work.failure is not None and work.failure != "vanished":
+                if work.failure is not None and work.failure != VANISHED:
                     writer.record_failure(work.entry.path, work.failure, work.entry.size, work.entry.mtime_ns)
                     report.failed += 1
                     report.failures.append((os.fsdecode(work.entry.path), work.failure))

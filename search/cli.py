@@ -244,7 +244,7 @@ def demo(directory: Path, count: int, seed: int) -> None:
     """
     from indexer.demo_world import write_library
 
-    with click.progressbar(length=count, label="writing pictures", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=count, label="writing pictures", file=sys.stderr) as bar:
         pictures = write_library(directory, count, seed, progress=bar.update)
     click.echo(f"wrote {len(pictures)} pictures and captions.jsonl to {directory}", err=True)
 

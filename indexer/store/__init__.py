@@ -15,7 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,17 +113,15 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[StoreWriter]:
         """One catalog transaction; after it commits, the vector indexes get the same change."""
-        for modality in MODALITIES:  # loaded (or rebuilt) before the catalog changes
-            self._vector_index(modality)
         with self.catalog.write() as writer:
-            store_writer = StoreWriter(writer)
+            store_writer = StoreWriter(writer, self.vectors)
             yield store_writer
         for modality, (ids, vectors) in store_writer.added.items():
-            self._vector_index(modality).add(np.asarray(ids), np.stack(vectors))
+            self.vectors(modality).add(np.asarray(ids), np.stack(vectors))
             self._dirty.add(modality)
         if store_writer.removed:
-            for modality in MODALITIES:
-                self._vector_index(modality).remove(store_writer.removed)
+            for modality in MODALITIES:  # removing an id a modality does not hold is a no-op
+                self.vectors(modality).remove(store_writer.removed)
                 self._dirty.add(modality)
 
     def flush(self) -> None:
@@ -149,10 +147,13 @@ class Store:
     def _vector_path(self, modality: str) -> Path:
         return self.root / f"{modality}.faiss"
 
-    def _vector_index(self, modality: str) -> VectorIndex:
-        """The vector index of a modality: its file when fresh, else rebuilt from the catalog."""
+    def vectors(self, modality: str) -> VectorIndex:
+        """The vector index of a modality: its file when fresh, else rebuilt from the catalog.
+
+        A writer saves a rebuilt index at its next flush; a reader keeps it in memory only.
+        """
         if modality not in self._vectors:
-            index, _ = VectorIndex.load(self._vector_path(modality), self.catalog.generation())
+            index, _ = self._load(modality)
             if index is None:
                 index = self._rebuild(modality)
                 if self._lock is not None:
@@ -160,8 +161,9 @@ class Store:
             self._vectors[modality] = index
         return self._vectors[modality]
 
-    def vectors(self, modality: str) -> VectorIndex:
-        return self._vector_index(modality)
+    def _load(self, modality: str) -> tuple[VectorIndex | None, str]:
+        changed = self.catalog.vectors_changed(modality)
+        return VectorIndex.load(self._vector_path(modality), changed, self.catalog.generation())
 
     def _rebuild(self, modality: str) -> VectorIndex:
         ids, vectors = self.catalog.vectors(modality)
@@ -170,13 +172,12 @@ class Store:
     def check(self) -> list[str]:
         """Everything that disagrees between catalog and vector files; empty when consistent."""
         problems = self.catalog.integrity_problems()
-        generation = self.catalog.generation()
         for modality in MODALITIES:
             path = self._vector_path(modality)
             ids, _ = self.catalog.vectors(modality)
             if not len(ids) and not path.exists():
                 continue
-            index, problem = VectorIndex.load(path, generation)
+            index, problem = self._load(modality)
             if index is None:
                 problems.append(f"{path.name}: {problem}")
             elif not np.array_equal(np.sort(index.ids()), ids):
@@ -212,24 +213,36 @@ class Store:
 class StoreWriter:
     """The changes of one Store.write() transaction, mirrored into the vector indexes on commit."""
 
-    def __init__(self, writer: Writer):
+    def __init__(self, writer: Writer, vector_index: Callable[[str], VectorIndex]):
         self._writer = writer
+        # A modality's vector index is loaded (or rebuilt from the catalog, which does not yet
+        # see this transaction) before its first change, so the change is applied exactly once.
+        self._load_vectors = vector_index
         self.added: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         self.removed: list[int] = []
 
     def _added(self, modality: str, ids: list[int], vectors: list[np.ndarray]) -> list[int]:
+        if not ids:
+            return ids
         known_ids, known_vectors = self.added.setdefault(modality, ([], []))
         known_ids.extend(ids)
         known_vectors.extend(vectors)
         return ids
 
     def add_images(self, images: list[NewImage]) -> list[int]:
+        if images:
+            self._load_vectors("image")
         return self._added("image", self._writer.add_images(images), [image.vector for image in images])
 
     def add_captions(self, collection: str, captions: list[NewCaption]) -> list[int]:
+        if captions:
+            self._load_vectors("text")
         return self._added("text", self._writer.add_captions(collection, captions), [c.vector for c in captions])
 
     def delete_items(self, ids: list[int]) -> None:
+        if ids:
+            for modality in MODALITIES:
+                self._load_vectors(modality)
         self._writer.delete_items(ids)
         self.removed.extend(ids)
 

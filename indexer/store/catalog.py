@@ -163,6 +163,10 @@ class Catalog:
     def generation(self) -> int:
         return int(self.get("generation") or 0)
 
+    def vectors_changed(self, modality: str) -> int:
+        """The generation of the last commit that added or removed vectors of `modality`."""
+        return int(self.get(f"vectors_changed.{modality}") or 0)
+
     def images(self) -> dict[bytes, StoredImage]:
         query = select(items.c.id, items.c.path, items.c.size, items.c.mtime_ns, items.c.sha256).where(
             items.c.modality == "image"
@@ -246,7 +250,8 @@ class Catalog:
 
     @contextmanager
     def write(self) -> Iterator[Writer]:
-        """One transaction; the generation is bumped when it commits with changes."""
+        """One transaction; the generation is bumped when it commits with changes, and recorded
+        as the vectors_changed generation of each modality whose vectors it changed."""
         with self.engine.begin() as connection:
             writer = Writer(connection)
             yield writer
@@ -254,8 +259,11 @@ class Catalog:
                 connection.execute(
                     update(meta).where(meta.c.key == "generation").values(value=cast(meta.c.value, Integer) + 1)
                 )
+                generation = connection.execute(select(meta.c.value).where(meta.c.key == "generation")).scalar()
+                stamps = {"updated_at": str(time.time())}
+                stamps.update({f"vectors_changed.{modality}": generation for modality in writer.modalities})
                 connection.execute(
-                    insert(meta).prefix_with("OR REPLACE").values(key="updated_at", value=str(time.time()))
+                    insert(meta).prefix_with("OR REPLACE"), [{"key": k, "value": v} for k, v in stamps.items()]
                 )
 
 
@@ -265,6 +273,7 @@ class Writer:
     def __init__(self, connection: Connection):
         self.connection = connection
         self.changed = False
+        self.modalities: set[str] = set()  # whose vectors this transaction adds or removes
 
     def set(self, key: str, value: str | dict) -> None:
         value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -272,6 +281,7 @@ class Writer:
         self.changed = True
 
     def _add_items(self, rows: list[dict], vectors: Iterable[np.ndarray]) -> list[int]:
+        self.modalities.update(row["modality"] for row in rows)
         ids = [self.connection.execute(insert(items).values(**row)).inserted_primary_key[0] for row in rows]
         self.connection.execute(
             insert(embeddings),
@@ -334,6 +344,8 @@ class Writer:
     def delete_items(self, ids: list[int]) -> None:
         for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
             chunk = ids[start : start + 500]
+            query = select(items.c.modality).where(items.c.id.in_(chunk)).distinct()
+            self.modalities.update(self.connection.execute(query).scalars())
             self.connection.execute(delete(embeddings).where(embeddings.c.item_id.in_(chunk)))
             self.connection.execute(delete(items).where(items.c.id.in_(chunk)))
         self.changed = self.changed or bool(ids)

@@ -76,8 +76,13 @@ class VectorIndex:
         _fsync(path.parent)
 
     @classmethod
-    def load(cls, path: Path, generation: int) -> tuple[VectorIndex | None, str]:
-        """The index in `path` if it reflects `generation`; else None and why not."""
+    def load(cls, path: Path, changed: int, generation: int) -> tuple[VectorIndex | None, str]:
+        """The index in `path` if it is fresh; else None and why not.
+
+        Fresh: stamped at or after `changed` (the last generation that changed this modality's
+        vectors) and not after `generation` (the catalog's; a later stamp means the catalog was
+        replaced, say by a restored backup).
+        """
         try:
             stamp = Stamp(**json.loads(_stamp_path(path).read_bytes()))
         except FileNotFoundError:
@@ -90,8 +95,8 @@ class VectorIndex:
             return None, "missing"
         if size != stamp.size:
             return None, f"truncated or overwritten ({size} bytes, stamped {stamp.size})"
-        if stamp.generation != generation:
-            return None, f"stale (reflects generation {stamp.generation}, the catalog is at {generation})"
+        if not changed <= stamp.generation <= generation:
+            return None, f"stale (reflects generation {stamp.generation}; its items changed at {changed})"
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as error:

@@ -11,9 +11,9 @@ import json
 import platform
 import time
 
-from tests.bench import encoder_bench
+from tests.bench import encoder_bench, indexer_bench
 
-SECTIONS = {"encoder": encoder_bench.run}
+SECTIONS = {"encoder": encoder_bench.run, "indexing": indexer_bench.end_to_end, "rescan": indexer_bench.rescan}
 
 
 def main() -> None:
