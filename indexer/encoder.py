@@ -241,6 +241,11 @@ class Encoder:
         self._trim = _trim_pool(model)
 
     @property
+    def logit_scale(self) -> float:
+        """The model's learned temperature: cosine similarities times this are its logits."""
+        return float(self.model.logit_scale.detach().exp())
+
+    @property
     def trims_text(self) -> bool:
         """Whether embed_texts drops padding tokens (only where that is exact)."""
         return self._trim is not None

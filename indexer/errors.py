@@ -4,6 +4,7 @@
     ├── ModelError         a model cannot be built or its weights cannot be found
     │   └── CheckpointError  a checkpoint file is missing, unreadable, unsafe or does not fit
     ├── BadFileError       one input file cannot be read: recorded with its reason and skipped
+    ├── QueryError         a query cannot be answered as asked (empty, unreadable image, bad k, ...)
     └── StoreError         an index cannot be used as asked
         ├── IndexNotFoundError   there is no index there
         ├── IndexLockedError     another process is writing to it
@@ -43,3 +44,7 @@ class IndexLockedError(StoreError):
 
 class ModelMismatchError(StoreError):
     """The index was made with another model than the one asked for."""
+
+
+class QueryError(ClipseekError):
+    """A query cannot be answered as asked: empty, an unreadable image, an unknown item, bad k."""

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -122,13 +123,13 @@ def file_hash(path: bytes) -> str:
         raise BadFileError(_reason(error)) from error
 
 
-def decode_image(path: bytes, side: int) -> DecodedImage:
-    """Decode a picture for a model whose input is `side` pixels square.
+def decode_image(source: bytes | BinaryIO, side: int) -> DecodedImage:
+    """Decode a picture (a path, or an open binary file) for a model whose input is `side` pixels square.
 
-    Raises BadFileError with the reason when the file is not a picture clipseek reads.
+    Raises BadFileError with the reason when it is not a picture clipseek reads.
     """
     try:
-        with Image.open(path, formats=FORMATS) as image:
+        with Image.open(source, formats=FORMATS) as image:
             width, height = image.size
             image.seek(0)  # the first frame of an animation
             if image.format in ("JPEG", "MPO"):
@@ -137,11 +138,11 @@ def decode_image(path: bytes, side: int) -> DecodedImage:
             upright = ImageOps.exif_transpose(image)  # also loads the pixels
             if exif.get(0x0112) in (5, 6, 7, 8):
                 width, height = height, width
-            return DecodedImage(_to_rgb(upright), width, height, _date_taken(exif))
+            return DecodedImage(to_rgb(upright), width, height, _date_taken(exif))
     except Image.DecompressionBombError as error:
         raise BadFileError(f"decompression bomb refused: {error}") from error
     except UnidentifiedImageError as error:
-        if os.path.getsize(path) == 0:
+        if _is_empty(source):
             raise BadFileError("empty file") from error
         raise BadFileError("not a picture in a supported format (" + ", ".join(FORMATS) + ")") from error
     except FileNotFoundError as error:
@@ -155,7 +156,13 @@ def decode_image(path: bytes, side: int) -> DecodedImage:
         raise BadFileError(f"cannot decode: {type(error).__name__}: {error}") from error
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _is_empty(source: bytes | BinaryIO) -> bool:
+    if isinstance(source, bytes):
+        return os.path.getsize(source) == 0
+    return source.seek(0, os.SEEK_END) == 0
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparency flattened onto white and high bit depths scaled, not clipped."""
     mode = image.mode
     if mode == "RGB":

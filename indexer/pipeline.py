@@ -24,9 +24,9 @@ import numpy as np
 
 from indexer.captions import read_captions
 from indexer.config import IndexSettings, index_dir
-from indexer.errors import BadFileError, ClipseekError
+from indexer.errors import BadFileError, ClipseekError, ModelError
 from indexer.loader import VANISHED, FileEntry, decode_image, file_hash, walk
-from indexer.models import DEFAULT_MODEL, DEMO_MODEL, sha256_file
+from indexer.models import DEFAULT_MODEL, sha256_file
 from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
 if TYPE_CHECKING:
@@ -121,17 +121,7 @@ class Indexer:
             store.close()
             raise
 
-        def reload() -> Encoder:
-            from indexer.encoder import load_encoder
-
-            source = checkpoint or store.model_checkpoint
-            if stored.architecture == DEMO_MODEL and checkpoint is None:
-                source = None  # the bundled weights, wherever this installation keeps them
-            encoder = load_encoder(stored.architecture, stored.pretrained, source, download=download)
-            store.claim_model(encoder.model_id, None)  # the same model, or ModelMismatchError
-            return encoder
-
-        return cls(store, reload, settings)
+        return cls(store, lambda: encoder_for(store, checkpoint, download), settings)
 
     def close(self) -> None:
         self.store.close()
@@ -227,6 +217,29 @@ class Indexer:
         self.store.flush()
         report.seconds = time.monotonic() - started
         return report
+
+
+def encoder_for(store: Store, checkpoint: str | os.PathLike | None = None, download: bool = False) -> Encoder:
+    """Load the model an index was made with, and check that it is that model.
+
+    Weights come from the checkpoint path the index recorded (unless `checkpoint` says where
+    the file is now), else by architecture and tag (the bundled demo model included).
+    """
+    from indexer.encoder import load_encoder  # torch: only where a model is needed
+
+    stored = store.model_id
+    if stored is None:
+        raise ClipseekError(f"the index at {store.root} has no model yet: index something into it first")
+    source = checkpoint or store.model_checkpoint
+    if source is not None and not os.path.isfile(source):
+        raise ModelError(
+            f"the weights of the index's model ({stored}) were at {source}, which does not exist "
+            "any more: put the file back, or say where it is now (--checkpoint)"
+        )
+    encoder = load_encoder(stored.architecture, stored.pretrained, source, download=download)
+    if encoder.model_id != stored:
+        raise store.mismatch(encoder.model_id)
+    return encoder
 
 
 class _Run:

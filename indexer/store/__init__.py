@@ -24,10 +24,10 @@ import numpy as np
 
 from indexer.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError
 from indexer.models import ModelId
-from indexer.store.catalog import Catalog, NewCaption, NewImage, StoredImage, Writer
+from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, StoredImage, Writer
 from indexer.store.vectors import VectorIndex, remove_files
 
-__all__ = ["NewCaption", "NewImage", "Store", "StoreStatus", "StoredImage", "is_under"]
+__all__ = ["Filters", "NewCaption", "NewImage", "Store", "StoreStatus", "StoredImage", "is_under"]
 
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
@@ -54,6 +54,7 @@ class Store:
         self._lock = lock
         self._vectors: dict[str, VectorIndex] = {}
         self._dirty: set[str] = set()
+        self._seen_generation = catalog.generation()
 
     @classmethod
     def open(cls, root: str | os.PathLike, write: bool = False, create: bool = False) -> Store:
@@ -141,6 +142,13 @@ class Store:
             removed = len(ids) + (writer.delete_collection(collection) if collection else 0)
         self.flush()
         return removed
+
+    def refresh(self) -> None:
+        """Drop what was loaded if another process committed since (for readers)."""
+        generation = self.catalog.generation()
+        if generation != self._seen_generation:
+            self._vectors = {}
+            self._seen_generation = generation
 
     # -- vectors ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Row,
     String,
     Table,
     cast,
@@ -31,11 +33,12 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
 
-from indexer.errors import StoreError
+from indexer.errors import QueryError, StoreError
 
 SCHEMA_VERSION = 1
 
@@ -116,8 +119,30 @@ class NewCaption:
     vector: np.ndarray
 
 
+@dataclass(frozen=True)
+class Filters:
+    """Which items a search may return. `path` is a folder prefix, or a glob when it has * ? [."""
+
+    path: str | None = None
+    collection: str | None = None
+    date_from: str | None = None  # ISO date or date-time, inclusive
+    date_to: str | None = None  # ISO date (the whole day) or date-time, inclusive
+
+    def any(self) -> bool:
+        return any(value is not None for value in (self.path, self.collection, self.date_from, self.date_to))
+
+
 def display_path(path: bytes) -> str:
     return path.decode("utf-8", "replace")
+
+
+def _iso(text: str) -> str:
+    """A date or date-time, checked and in the catalog's ISO 8601 form."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise QueryError(f"not a date: {text!r} (use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS)") from None
+    return parsed.date().isoformat() if len(text) == 10 else parsed.isoformat()
 
 
 class Catalog:
@@ -214,6 +239,43 @@ class Catalog:
             return None
         vector = np.frombuffer(row.vector, dtype="<f4")
         return NewImage(row.path, row.size, row.mtime_ns, sha256, row.width, row.height, row.taken_at, vector)
+
+    def embedding(self, item_id: int) -> np.ndarray | None:
+        with self.engine.connect() as connection:
+            blob = connection.execute(select(embeddings.c.vector).where(embeddings.c.item_id == item_id)).scalar()
+        return None if blob is None else np.frombuffer(blob, dtype="<f4")
+
+    def items_by_id(self, ids: Iterable[int]) -> dict[int, Row]:
+        query = select(items).where(items.c.id.in_([int(i) for i in ids]))
+        with self.engine.connect() as connection:
+            return {row.id: row for row in connection.execute(query)}
+
+    def collections(self) -> list[str]:
+        query = select(items.c.collection).where(items.c.collection.is_not(None)).distinct()
+        with self.engine.connect() as connection:
+            return sorted(connection.execute(query).scalars())
+
+    def matching_ids(self, modality: str, filters: Filters) -> np.ndarray:
+        """Ids of the items of `modality` that pass `filters` (all bound parameters, no SQL text)."""
+        query = select(items.c.id).where(items.c.modality == modality)
+        if filters.path is not None:
+            if any(character in filters.path for character in "*?["):
+                query = query.where(items.c.display.op("GLOB")(filters.path))
+            else:
+                folder = filters.path.rstrip("/") or "/"
+                inside = items.c.display.startswith(folder.rstrip("/") + "/", autoescape=True)
+                query = query.where(or_(items.c.display == folder, inside))
+        if filters.collection is not None:
+            query = query.where(items.c.collection == filters.collection)
+        if filters.date_from is not None:
+            query = query.where(items.c.taken_at >= _iso(filters.date_from))
+        if filters.date_to is not None:
+            end = _iso(filters.date_to)
+            if len(end) == 10:  # a whole day: every time on it sorts before "T99"
+                end += "T99"
+            query = query.where(items.c.taken_at <= end)
+        with self.engine.connect() as connection:
+            return np.fromiter(connection.execute(query).scalars(), dtype=np.int64)
 
     def captions(self, collection: str) -> set[str]:
         query = select(items.c.caption).where(items.c.modality == "text", items.c.collection == collection)

@@ -57,13 +57,14 @@ class VectorIndex:
         if ids:
             self.index.remove_ids(np.asarray(ids, dtype=np.int64))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (queries, min(k, count)); best first."""
-        k = min(k, self.count)
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (queries, min(k, candidates)), best first; ids only from `allowed`."""
+        k = min(k, self.count if allowed is None else len(allowed))
         if k == 0:
             empty = np.zeros((len(queries), 0))
             return empty.astype(np.float32), empty.astype(np.int64)
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
 
     def save(self, path: Path, generation: int) -> None:
         """Write atomically, then stamp: a crash in between leaves a file whose stamp disagrees."""

@@ -1,0 +1,278 @@
+"""SearchEngine: nearest-neighbour queries over an index, for people and for pipelines.
+
+    engine = SearchEngine.open("photos")
+    engine.search("a cat sunbathing", k=10)                         # text → image
+    engine.search(Query.image("cat.jpg") + Query.text("at night"))  # image + text → image
+    engine.search(Query.text("beach") + "dog" - Query.text("people"))
+    engine.search(Path("cat.jpg"), modality="text")                 # image → caption
+
+One engine serves many threads. It opens the index read-only, loads the index's own model on
+the first query that needs one, and follows the indexer: every query checks the catalog's
+generation and picks up new commits without reopening.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from indexer.config import index_dir
+from indexer.errors import BadFileError, QueryError
+from indexer.loader import decode_image, to_rgb
+from indexer.store import Filters, Store
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from indexer.encoder import Encoder
+
+__all__ = ["MAX_K", "Hit", "Query", "SearchEngine"]
+
+MAX_K = 1000  # more hits than anyone reads; larger requests are capped
+MODALITIES = ("image", "text")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: the item, its cosine similarity to the query, and what is known of it."""
+
+    id: int
+    score: float
+    modality: str
+    path: str | None = None  # images
+    caption: str | None = None  # texts
+    collection: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Query:
+    """A weighted sum of terms — texts, images, stored items — each embedded and normalised.
+
+    Terms combine with + and -, and scale with a number: `Query.text("beach") + "dog" -
+    0.5 * Query.text("people")`. A plain string is a text, a Path, PIL image or bytes an
+    image, an int a stored item.
+    """
+
+    def __init__(self, terms: Iterable[tuple[float, str, Any]] = ()):
+        self.terms = list(terms)  # (weight, kind, value), kind: "text" | "image" | "item" | "vector"
+
+    @classmethod
+    def text(cls, text: str) -> Query:
+        return cls([(1.0, "text", text)])
+
+    @classmethod
+    def image(cls, image: str | os.PathLike | bytes | Image.Image) -> Query:
+        return cls([(1.0, "image", Path(image) if isinstance(image, str) else image)])
+
+    @classmethod
+    def item(cls, item_id: int) -> Query:
+        return cls([(1.0, "item", int(item_id))])
+
+    @classmethod
+    def vector(cls, vector: Sequence[float]) -> Query:
+        """An embedding made elsewhere with the same model (it is normalised here)."""
+        vector = np.asarray(vector, dtype=np.float64)
+        return cls([(1.0, "vector", vector / max(np.linalg.norm(vector), 1e-12))])
+
+    @classmethod
+    def of(cls, value: Any) -> Query:
+        """A query from a plain value: str → text, int → item, anything else → image."""
+        if isinstance(value, Query):
+            return value
+        if isinstance(value, str):
+            return cls.text(value)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return cls.item(int(value))
+        return cls.image(value)
+
+    def __add__(self, other: Any) -> Query:
+        return Query(self.terms + Query.of(other).terms)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> Query:
+        return self + (-1.0) * Query.of(other)
+
+    def __mul__(self, weight: float) -> Query:
+        return Query((weight * w, kind, value) for w, kind, value in self.terms)
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return " + ".join(f"{w:g}·{kind}({_describe(kind, value)})" for w, kind, value in self.terms) or "Query()"
+
+
+class SearchEngine:
+    """Queries over one index, opened read-only; safe to share between threads."""
+
+    def __init__(self, store: Store, checkpoint: str | os.PathLike | None = None):
+        self.store = store
+        self._checkpoint = checkpoint
+        self._encoder: Encoder | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, index: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None) -> SearchEngine:
+        """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved."""
+        return cls(Store.open(index_dir(index)), checkpoint)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> SearchEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def encoder(self) -> Encoder:
+        """The index's own model, loaded on first use."""
+        with self._lock:
+            if self._encoder is None:
+                from indexer.pipeline import encoder_for
+
+                self._encoder = encoder_for(self.store, self._checkpoint)
+            return self._encoder
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def embed(self, query: Any) -> np.ndarray:
+        """The unit vector a query stands for."""
+        query = Query.of(query)
+        if not query.terms:
+            raise QueryError("empty query: give a text, an image or an item id")
+        total = np.zeros(self.store.model_id.dim, np.float64)
+        for weight, kind, value in query.terms:
+            total += weight * self._term_vector(kind, value)
+        norm = np.linalg.norm(total)
+        if norm < 1e-6:
+            raise QueryError(f"the terms of {query!r} cancel out")
+        return (total / norm).astype(np.float32)
+
+    def _term_vector(self, kind: str, value: Any) -> np.ndarray:
+        if kind == "vector":
+            if value.shape != (self.store.model_id.dim,):
+                raise QueryError(f"a query vector must have {self.store.model_id.dim} values, not {value.shape}")
+            return value
+        if kind == "item":
+            vector = self.store.catalog.embedding(value)
+            if vector is None:
+                raise QueryError(f"no item {value} in the index")
+            return vector
+        if kind == "text":
+            if not str(value).strip():
+                raise QueryError("empty query text")
+            return self.encoder.embed_texts([str(value)])[0]
+        return self.encoder.embed_images([self._query_image(value)])[0]
+
+    def _query_image(self, value: Any) -> Image.Image:
+        from PIL import Image
+
+        if isinstance(value, Image.Image):
+            return to_rgb(value)
+        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else os.fsencode(value)
+        try:
+            return decode_image(source, max(np.atleast_1d(self.store.model_id.image_size))).image
+        except BadFileError as error:
+            name = "the query image" if isinstance(source, io.BytesIO) else os.fsdecode(source)
+            raise QueryError(f"cannot read {name}: {error}") from error
+
+    def search(
+        self,
+        query: Any,
+        k: int = 10,
+        modality: str = "image",
+        *,
+        path: str | None = None,
+        collection: str | None = None,
+        date_from: str | None = None,
+        date_to: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[Hit]:
+        """The k items of `modality` nearest to `query`, best first, after `offset`.
+
+        Filters: `path`, a folder prefix or a glob (`*`, `?`, `[…]`) on the picture's path;
+        `collection`; `date_from` / `date_to` (ISO dates, inclusive) on the date taken (EXIF,
+        else the file's time); `min_score`. With filters the result is still the exact top k
+        among the matching items. k is capped at MAX_K.
+        """
+        if modality not in MODALITIES:
+            raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
+        if k <= 0:
+            raise QueryError(f"k must be at least 1, not {k}")
+        if offset < 0:
+            raise QueryError(f"offset must be 0 or more, not {offset}")
+        k = min(k, MAX_K)
+        filters = Filters(path, collection, date_from, date_to)
+        if collection is not None and collection not in self.store.catalog.collections():
+            known = ", ".join(self.store.catalog.collections()) or "none"
+            raise QueryError(f"no collection '{collection}' in the index (collections: {known})")
+        return self._nearest(self.embed(query), modality, k, offset, filters, min_score)
+
+    def _nearest(
+        self, vector: np.ndarray, modality: str, k: int, offset: int, filters: Filters, min_score: float | None
+    ) -> list[Hit]:
+        self.store.refresh()
+        allowed = self.store.catalog.matching_ids(modality, filters) if filters.any() else None
+        scores, ids = self.store.vectors(modality).search(vector[None, :], k + offset, allowed)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        if min_score is not None:
+            found = [(i, s) for i, s in found if s >= min_score]
+        found = found[offset : offset + k]
+        rows = self.store.catalog.items_by_id([i for i, _ in found])
+        return [_hit(rows[i], s) for i, s in found if i in rows]
+
+    def similar(self, item_or_image: Any, threshold: float = 0.9, k: int = 100) -> list[Hit]:
+        """Pictures at least `threshold` similar to a stored item or an image: near-duplicates."""
+        hits = self.search(item_or_image, k=k + 1, min_score=threshold)
+        if isinstance(item_or_image, (int, np.integer)):
+            hits = [hit for hit in hits if hit.id != int(item_or_image)]
+        return hits[:k]
+
+    def classify(
+        self, images: Sequence[Any], labels: Sequence[str], template: str = "a photo of a {}."
+    ) -> list[dict[str, float]]:
+        """CLIP zero-shot classification: for each image, each label's probability, best first.
+
+        Probabilities are the softmax of the model's own logit scale times the cosine
+        similarities to `template` filled with each label.
+        """
+        labels = [label.strip() for label in labels if label.strip()]
+        if len(labels) < 2:
+            raise QueryError("give at least two labels to choose between")
+        texts = self.encoder.embed_texts([template.format(label) for label in labels])
+        vectors = np.stack([self.embed(image) for image in images]) if images else np.zeros((0, texts.shape[1]))
+        logits = self.encoder.logit_scale * vectors @ texts.T
+        logits -= logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        return [
+            dict(sorted(zip(labels, map(float, row), strict=True), key=lambda pair: -pair[1])) for row in probabilities
+        ]
+
+
+def _describe(kind: str, value: Any) -> str:
+    if kind == "vector":
+        return f"{len(value)} values"
+    if kind == "image" and isinstance(value, (str, os.PathLike)):
+        return repr(os.fspath(value))
+    return repr(value) if kind != "image" else type(value).__name__
+
+
+def _hit(row, score: float) -> Hit:
+    if row.modality == "image":
+        metadata = {"width": row.width, "height": row.height, "taken_at": row.taken_at, "size": row.size}
+        return Hit(row.id, score, "image", path=row.display, metadata=metadata)
+    metadata = {key: value for key, value in (("ref", row.ref), ("image", row.image_ref)) if value is not None}
+    return Hit(row.id, score, "text", caption=row.caption, collection=row.collection, metadata=metadata)

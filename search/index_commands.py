@@ -1,0 +1,194 @@
+"""The commands that write or inspect an index: index, add-captions, status, remove, check."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from search.options import index_option, json_option, model_options
+
+
+def _open_indexer(index, model, pretrained, checkpoint, download):
+    from indexer.pipeline import Indexer
+
+    return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint, download=download)
+
+
+@contextmanager
+def _stop_on_interrupt():
+    """The first Ctrl-C asks the run to stop after its current batch; a second one stops at once."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping after the current batch (Ctrl-C again to stop now)", err=True)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@index_option
+@model_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@json_option
+def index(paths, index, model, pretrained, checkpoint, download, quiet, as_json):
+    """Index the pictures in PATHS (folders or files).
+
+    Only new and changed files are decoded; moved or renamed files keep their embedding; files
+    that are gone leave the index. Files that cannot be read are recorded and skipped.
+    Ctrl-C stops after the current batch, keeping everything done so far.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    with _open_indexer(index, model, pretrained, checkpoint, download) as indexer, _stop_on_interrupt() as stop, bar:
+        report = indexer.index(paths, progress=progress, stop=stop)
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+    else:
+        parts = [f"{report.embedded} embedded"] + [
+            f"{count} {name}"
+            for name, count in (
+                ("moved", report.moved),
+                ("copies reused", report.reused),
+                ("removed", report.removed),
+                ("unchanged", report.unchanged),
+                ("failed", report.failed),
+                ("failed before, unchanged", report.known_failures),
+            )
+            if count
+        ]
+        click.echo(f"{report.found} pictures in {report.seconds:.1f} s: {', '.join(parts)}", err=True)
+        for path, reason in report.failures[:10]:
+            click.echo(f"  failed: {path}: {reason}", err=True)
+        if len(report.failures) > 10:
+            click.echo(f"  … and {len(report.failures) - 10} more (clipseek status --failures)", err=True)
+    if report.interrupted:
+        click.echo("interrupted: what was done is kept; run the same command again to finish", err=True)
+        sys.exit(130)
+
+
+@click.command("add-captions")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--collection", required=True, help="The collection the captions join.")
+@click.option("--format", "file_format", type=click.Choice(["csv", "tsv", "jsonl", "text"]), help="Default: by suffix.")
+@index_option
+@model_options
+@json_option
+def add_captions(file, collection, file_format, index, model, pretrained, checkpoint, download, as_json):
+    """Embed a caption collection (CSV, TSV, JSONL or text, one caption a line) for image→text search."""
+    with _open_indexer(index, model, pretrained, checkpoint, download) as indexer:
+        report = indexer.add_captions(file, collection, file_format)
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+        return
+    click.echo(
+        f"{collection}: {report.added} captions added, {report.duplicates} duplicates skipped, "
+        f"{len(report.problems)} rows unreadable ({report.seconds:.1f} s)",
+        err=True,
+    )
+    for line, reason in report.problems:
+        click.echo(f"  line {line}: {reason}", err=True)
+
+
+@click.command()
+@index_option
+@click.option("--failures", "list_failures", is_flag=True, help="List every file that failed, with its reason.")
+@json_option
+def status(index, list_failures, as_json):
+    """What the index holds: items per modality and collection, failures, model, sizes."""
+    from indexer.config import index_dir
+    from indexer.store import Store
+
+    with Store.open(index_dir(index)) as store:
+        state = store.status()
+        failures = store.catalog.failure_list() if list_failures or as_json else []
+    if as_json:
+        document = asdict(state)
+        document["model"] = state.model.to_dict() if state.model else None
+        document["failure_list"] = [{"path": path, "reason": reason} for path, reason in failures]
+        click.echo(json.dumps(document, indent=2))
+        return
+    rows = [("index", state.path), ("model", str(state.model or "none yet")), ("search", state.index_type)]
+    for number, (modality, collection, count) in enumerate(state.counts):
+        label = f"{count} {modality}s" + (f" in collection '{collection}'" if collection else "")
+        rows.append(("items" if number == 0 else "", label))
+    if not state.counts:
+        rows.append(("items", "none"))
+    hint = "" if list_failures or not state.failures else " (--failures lists them)"
+    rows.append(("failures", f"{state.failures}{hint}"))
+    rows.append(("on disk", ", ".join(f"{name} {_size(size)}" for name, size in state.bytes_on_disk.items())))
+    updated = datetime.fromtimestamp(state.updated_at) if state.updated_at else None
+    when = updated.isoformat(sep=" ", timespec="seconds") if updated else "never"
+    rows.append(("updated", f"{when} (generation {state.generation})"))
+    for label, value in rows:
+        click.echo(f"{label:<10} {value}")
+    for path, reason in failures:
+        click.echo(f"  {path}: {reason}")
+
+
+@click.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--collection", help="Remove this caption collection.")
+@index_option
+def remove(paths, collection, index):
+    """Remove the pictures at or under PATHS, and/or a caption collection, from the index."""
+    if not paths and not collection:
+        raise click.UsageError("name PATHS to remove, or --collection NAME")
+    from indexer.config import index_dir
+    from indexer.store import Store
+
+    with Store.open(index_dir(index), write=True) as store:
+        removed = store.remove(paths, collection)
+    click.echo(f"removed {removed} items", err=True)
+
+
+@click.command()
+@index_option
+@click.option("--repair", is_flag=True, help="Rebuild the vector files from the catalog.")
+def check(index, repair):
+    """Verify that the catalog and the vector files agree; exit status 1 when they do not."""
+    from indexer.config import index_dir
+    from indexer.store import Store
+
+    with Store.open(index_dir(index), write=repair) as store:
+        problems = store.check()
+        if problems and repair:
+            store.repair()
+            click.echo(f"rebuilt the vector files ({len(problems)} problems found)", err=True)
+            problems = store.check()
+        generation = store.catalog.generation()
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        click.echo("the index is inconsistent: run `clipseek check --repair`", err=True)
+        sys.exit(1)
+    click.echo(f"ok: catalog and vector files agree (generation {generation})", err=True)
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "kB", "MB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"

@@ -1,0 +1,164 @@
+"""The commands that query an index: search, similar, classify."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import click
+
+from search.options import index_option, json_option, output_options
+
+
+def _weighted(text: str) -> tuple[str, float]:
+    """'TEXT' or 'TEXT@WEIGHT'."""
+    match = re.fullmatch(r"(.*)@(-?[0-9]*\.?[0-9]+)", text, flags=re.DOTALL)
+    return (match.group(1), float(match.group(2))) if match else (text, 1.0)
+
+
+def _query(text, image, item, add, subtract, add_image):
+    from search.engine import Query
+
+    query = Query()
+    if text is not None:
+        query += Query.text(text)
+    if image is not None:
+        query += Query.image(image)
+    if item is not None:
+        query += Query.item(item)
+    for term, sign in [(t, 1.0) for t in add] + [(t, -1.0) for t in subtract]:
+        words, weight = _weighted(term)
+        query += sign * weight * Query.text(words)
+    for term in add_image:
+        picture, weight = _weighted(term)
+        query += weight * Query.image(picture)
+    if not query.terms:
+        raise click.UsageError("give a QUERY text, --image PATH or --item ID")
+    return query
+
+
+def _print_hits(hits, as_json, paths_only, header):
+    if as_json:
+        click.echo(json.dumps({**header, "hits": [hit.to_dict() for hit in hits]}, indent=2, ensure_ascii=False))
+    elif paths_only:
+        for hit in hits:
+            click.echo(hit.path if hit.modality == "image" else hit.caption)
+    else:
+        for hit in hits:
+            where = hit.path if hit.modality == "image" else f"[{hit.collection}] {hit.caption}"
+            click.echo(f"{hit.score:6.3f}  {where}")
+        if not hits:
+            click.echo("no results", err=True)
+
+
+def _cap(k: int) -> int:
+    from search.engine import MAX_K
+
+    if k > MAX_K:
+        click.echo(f"k capped at {MAX_K}", err=True)
+    return min(k, MAX_K)
+
+
+@click.command()
+@click.argument("text", required=False)
+@click.option("--image", type=click.Path(dir_okay=False), help="Query with a picture.")
+@click.option("--item", type=int, help="Query with a stored item (its id).")
+@click.option("--add", multiple=True, metavar="TEXT[@W]", help="Add a text to the query (weight W, default 1).")
+@click.option("--subtract", multiple=True, metavar="TEXT[@W]", help="Subtract a text from the query.")
+@click.option("--add-image", multiple=True, metavar="PATH[@W]", help="Add a picture to the query.")
+@click.option("--texts", is_flag=True, help="Search captions instead of pictures (image → text).")
+@click.option("-k", "k", default=10, show_default=True, type=int, help="How many results.")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0), help="Skip this many first.")
+@click.option("--path", "path_filter", metavar="DIR|GLOB", help="Only pictures under DIR, or matching GLOB.")
+@click.option("--collection", help="Only captions of this collection.")
+@click.option("--from", "date_from", metavar="DATE", help="Only pictures taken on or after DATE (YYYY-MM-DD).")
+@click.option("--to", "date_to", metavar="DATE", help="Only pictures taken on or before DATE.")
+@click.option("--min-score", type=float, help="Only results at least this similar.")
+@output_options
+@index_option
+def search(
+    text,
+    image,
+    item,
+    add,
+    subtract,
+    add_image,
+    texts,
+    k,
+    offset,
+    path_filter,
+    collection,
+    date_from,
+    date_to,
+    min_score,
+    as_json,
+    paths_only,
+    index,
+):
+    """Find pictures (or, with --texts, captions) nearest to a text, a picture or a mix.
+
+    \b
+      clipseek search "a cat sunbathing"
+      clipseek search --image cat.jpg --add "at night"
+      clipseek search beach --add dog --subtract people@0.5
+      clipseek search --image cat.jpg --texts
+    """
+    from search.engine import SearchEngine
+
+    query = _query(text, image, item, add, subtract, add_image)
+    if path_filter and not path_filter.startswith(("/", "*", "?", "[")):
+        path_filter = os.path.abspath(path_filter)
+    with SearchEngine.open(index) as engine:
+        hits = engine.search(
+            query,
+            k=_cap(k),
+            modality="text" if texts else "image",
+            path=path_filter,
+            collection=collection,
+            date_from=date_from,
+            date_to=date_to,
+            min_score=min_score,
+            offset=offset,
+        )
+    _print_hits(hits, as_json, paths_only, {"query": repr(query), "k": k, "offset": offset})
+
+
+@click.command()
+@click.argument("picture", required=False, type=click.Path(dir_okay=False))
+@click.option("--item", type=int, help="A stored item (its id) instead of a picture.")
+@click.option("--threshold", default=0.9, show_default=True, type=click.FloatRange(-1, 1), help="Minimum similarity.")
+@click.option("-k", "k", default=100, show_default=True, type=int, help="At most this many.")
+@output_options
+@index_option
+def similar(picture, item, threshold, k, as_json, paths_only, index):
+    """Pictures that look like PICTURE (or a stored --item): near-duplicates at a high threshold."""
+    from search.engine import Query, SearchEngine
+
+    if (picture is None) == (item is None):
+        raise click.UsageError("give a PICTURE or --item ID")
+    with SearchEngine.open(index) as engine:
+        hits = engine.similar(item if item is not None else Query.image(picture), threshold=threshold, k=_cap(k))
+    _print_hits(hits, as_json, paths_only, {"threshold": threshold})
+
+
+@click.command()
+@click.argument("pictures", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--labels", required=True, help='Comma-separated labels, e.g. "cat,dog,car".')
+@click.option("--template", default="a photo of a {}.", show_default=True, help="How a label becomes a text.")
+@json_option
+@index_option
+def classify(pictures, labels, template, as_json, index):
+    """Zero-shot classification of PICTURES among --labels, with the index's model."""
+    from search.engine import Query, SearchEngine
+
+    if "{}" not in template:
+        raise click.UsageError("--template must contain {} where the label goes")
+    with SearchEngine.open(index) as engine:
+        results = engine.classify([Query.image(p) for p in pictures], labels.split(","), template)
+    if as_json:
+        click.echo(json.dumps([{"path": p, "labels": r} for p, r in zip(pictures, results, strict=True)], indent=2))
+        return
+    for picture, probabilities in zip(pictures, results, strict=True):
+        best = ", ".join(f"{label} {p:.2f}" for label, p in list(probabilities.items())[:3])
+        click.echo(f"{picture}: {best}")

@@ -1,0 +1,88 @@
+"""The query commands as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from indexer.demo_world import write_library
+
+CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-search")
+    write_library(root / "library", count=40, seed=8)
+    env = {"CLIPSEEK_HOME": str(root / "home"), "PATH": str(Path(sys.executable).parent)}
+    subprocess.run([CLIPSEEK, "index", root / "library", "--model", "demo", "-q"], env=env, check=True)
+    captions = ["add-captions", root / "library" / "captions.jsonl", "--collection", "demo"]
+    subprocess.run([CLIPSEEK, *captions], env=env, check=True, capture_output=True)
+    return root, env
+
+
+def clipseek(home, *args):
+    _, env = home
+    return subprocess.run([CLIPSEEK, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_search_prints_a_table_of_scores_and_paths(home):
+    result = clipseek(home, "search", "a large red circle", "-k", "3")
+    assert result.returncode == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    scores = [float(line.split()[0]) for line in lines]
+    assert scores == sorted(scores, reverse=True)
+    assert all(Path(line.split(maxsplit=1)[1]).is_file() for line in lines)
+
+
+def test_paths_and_json_for_scripts(home):
+    paths = clipseek(home, "search", "a blue star", "-k", "4", "--paths").stdout.splitlines()
+    assert len(paths) == 4 and all(Path(p).is_file() for p in paths)
+    document = json.loads(clipseek(home, "search", "a blue star", "-k", "4", "--json").stdout)
+    assert [hit["path"] for hit in document["hits"]] == paths
+
+
+def test_image_to_text_and_combined_queries(home):
+    root, _ = home
+    picture = next((root / "library").rglob("*.jpg"))
+    captions = clipseek(home, "search", "--image", picture, "--texts", "-k", "2").stdout.splitlines()
+    assert len(captions) == 2 and all("[demo] a " in line for line in captions)
+    combined = clipseek(home, "search", "a circle", "--add", "red@2", "--subtract", "grass@0.5", "--json")
+    assert combined.returncode == 0
+    assert json.loads(combined.stdout)["query"] == "1·text('a circle') + 2·text('red') + -0.5·text('grass')"
+
+
+def test_similar_and_classify(home):
+    root, _ = home
+    picture = next((root / "library").rglob("*.png"))
+    similar = clipseek(home, "similar", picture, "--threshold", "0.99", "--paths")
+    assert similar.stdout.splitlines()[0] == str(picture)
+    classified = json.loads(clipseek(home, "classify", picture, "--labels", "circle,square,star", "--json").stdout)
+    assert classified[0]["path"] == str(picture) and len(classified[0]["labels"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["search", ""], 1, "Error: empty query text"),
+        (["search"], 2, "give a QUERY text"),
+        (["search", "x", "-k", "0"], 1, "k must be at least 1"),
+        (["search", "x", "--collection", "nope"], 1, "no collection 'nope'"),
+        (["search", "--image", "/etc/hostname"], 1, "cannot read /etc/hostname"),
+        (["search", "x", "--index", "/tmp/no/such/index"], 1, "no index at"),
+        (["classify", "x.jpg", "--labels", "a,b", "--template", "no slot"], 2, "must contain {}"),
+    ],
+)
+def test_bad_input_is_one_line_and_an_exit_status(home, args, status, message):
+    result = clipseek(home, *args)
+    assert result.returncode == status and message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_absurd_k_is_capped_and_said(home):
+    result = clipseek(home, "search", "x", "-k", "100000", "--paths")
+    assert result.returncode == 0 and "k capped at 1000" in result.stderr
+    assert len(result.stdout.splitlines()) == 40
