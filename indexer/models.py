@@ -36,6 +36,11 @@ class ModelId:
         weights = self.pretrained or f"sha256:{self.checkpoint_sha256[:12]}"
         return f"{self.architecture} ({weights}, {self.dim}-d, {self.image_size} px)"
 
+    @property
+    def side(self) -> int:
+        """The model's input size in pixels (the larger side, for a non-square input)."""
+        return self.image_size if isinstance(self.image_size, int) else max(self.image_size)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

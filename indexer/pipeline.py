@@ -259,8 +259,7 @@ class _Run:
 
     def process(self, todo: list[FileEntry], progress, stop: threading.Event | None) -> None:
         settings = self.indexer.settings
-        size = self.store.model_id.image_size
-        self.side = size if isinstance(size, int) else max(size)
+        self.side = self.store.model_id.side
         done = 0
         with ThreadPoolExecutor(settings.workers, thread_name_prefix="clipseek-decode") as pool:
             for work in _ordered(pool, self._look, todo, 4 * settings.batch_size):

@@ -41,6 +41,7 @@ for command in (
     query_commands.search,
     query_commands.similar,
     query_commands.classify,
+    query_commands.evaluate,
 ):
     cli.add_command(command)
 

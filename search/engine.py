@@ -183,7 +183,7 @@ class SearchEngine:
             return to_rgb(value)
         source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else os.fsencode(value)
         try:
-            return decode_image(source, max(np.atleast_1d(self.store.model_id.image_size))).image
+            return decode_image(source, self.store.model_id.side).image
         except BadFileError as error:
             name = "the query image" if isinstance(source, io.BytesIO) else os.fsdecode(source)
             raise QueryError(f"cannot read {name}: {error}") from error

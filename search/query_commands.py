@@ -8,7 +8,7 @@ import re
 
 import click
 
-from search.options import index_option, json_option, output_options
+from search.options import index_option, json_option, model_options, output_options
 
 
 def _weighted(text: str) -> tuple[str, float]:
@@ -162,3 +162,38 @@ def classify(pictures, labels, template, as_json, index):
     for picture, probabilities in zip(pictures, results, strict=True):
         best = ", ".join(f"{label} {p:.2f}" for label, p in list(probabilities.items())[:3])
         click.echo(f"{picture}: {best}")
+
+
+@click.command("eval")
+@click.argument("captions", type=click.Path(exists=True, dir_okay=False))
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="Where the pictures are.")
+@click.option("--split", help="Only this split of a Karpathy-style file (e.g. test).")
+@model_options
+@json_option
+@index_option
+def evaluate(captions, images, split, model, pretrained, checkpoint, download, as_json, index):
+    """Recall@1/5/10 of a model on an image–caption set, both directions.
+
+    CAPTIONS is Karpathy-style JSON (Flickr30k, COCO) or JSONL pairs ({"image", "caption"}).
+    The model is the index's own, or the one named by --model/--pretrained/--checkpoint.
+    """
+    from search.evaluation import read_eval_set, recall
+
+    pairs = read_eval_set(captions, images, split)
+    if model or pretrained or checkpoint:
+        from indexer.encoder import load_encoder
+
+        encoder = load_encoder(model or "ViT-B-32", pretrained, checkpoint, download=download)
+    else:
+        from search.engine import SearchEngine
+
+        with SearchEngine.open(index) as engine:
+            encoder = engine.encoder
+    figures = recall(pairs, encoder.embed_images, encoder.embed_texts, encoder.model_id.side)
+    if as_json:
+        document = {"model": str(encoder.model_id), "pairs": len(pairs.captions), **figures}
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"{len(pairs.images)} pictures, {len(pairs.captions)} captions, {encoder.model_id}")
+    for name, value in figures.items():
+        click.echo(f"  {name:<18} {value:.3f}")

@@ -86,3 +86,13 @@ def test_absurd_k_is_capped_and_said(home):
     result = clipseek(home, "search", "x", "-k", "100000", "--paths")
     assert result.returncode == 0 and "k capped at 1000" in result.stderr
     assert len(result.stdout.splitlines()) == 40
+
+
+def test_eval_reports_recall_in_both_directions(home):
+    root, _ = home
+    result = clipseek(home, "eval", root / "library" / "captions.jsonl", "--images", root / "library", "--json")
+    figures = json.loads(result.stdout)
+    assert figures["pairs"] == 40 and figures["model"].startswith("demo")
+    for direction in ("text→image", "image→text"):
+        r1, r5, r10 = (figures[f"{direction} R@{k}"] for k in (1, 5, 10))
+        assert 0.5 <= r1 <= r5 <= r10 <= 1.0
