@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Generate a demo library, index it with the bundled demo model (an index of its own under
-# $(DEMO_DIR)/home), then rank its pictures for the query.
+# Generate a demo library, index it and its captions with the bundled demo model (an index of
+# its own under $(DEMO_DIR)/home), then search it: text → image, then image → caption.
 demo: export CLIPSEEK_HOME = $(abspath $(DEMO_DIR))/home
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(BIN)/clipseek index $(DEMO_DIR)/library --model demo
 	$(BIN)/clipseek add-captions $(DEMO_DIR)/library/captions.jsonl --collection demo
 	$(BIN)/clipseek status
-	$(BIN)/python data/rank_demo.py $(DEMO_DIR)/library "$(DEMO_QUERY)"
+	$(BIN)/clipseek search "$(DEMO_QUERY)" -k 5
+	$(BIN)/clipseek search --image "$$($(BIN)/clipseek search "$(DEMO_QUERY)" -k 1 --paths)" --texts -k 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

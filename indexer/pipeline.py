@@ -250,14 +250,21 @@ class _Run:
         self.store = indexer.store
         self.report = report
         self.stored = stored
-        self.known_hashes = {item.sha256 for item in stored.values()}
-        self.missing_by_hash: dict[str, list[StoredImage]] = {}
-        for item in missing.values():
-            self.missing_by_hash.setdefault(item.sha256, []).append(item)
         self.missing = missing
         self.pending: list[_Work] = []
 
+    def _load_hashes(self) -> None:
+        """Content hashes, needed only when some file is new or changed."""
+        self.hashes = self.store.catalog.image_hashes()
+        self.known_hashes = set(self.hashes.values())
+        self.missing_by_hash: dict[str, list[StoredImage]] = {}
+        for item in self.missing.values():
+            self.missing_by_hash.setdefault(self.hashes[item.id], []).append(item)
+
     def process(self, todo: list[FileEntry], progress, stop: threading.Event | None) -> None:
+        if not todo:
+            return
+        self._load_hashes()
         settings = self.indexer.settings
         self.side = self.store.model_id.side
         done = 0
@@ -304,7 +311,7 @@ class _Run:
         with self.store.write() as writer:
             for work in batch:
                 old = self.stored.get(work.entry.path)
-                if work.failure is None and old is not None and old.sha256 == work.sha256:
+                if work.failure is None and old is not None and self.hashes[old.id] == work.sha256:
                     writer.touch_image(old.id, work.entry.size, work.entry.mtime_ns)  # same content, new time
                     report.unchanged += 1
                     continue

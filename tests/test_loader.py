@@ -166,3 +166,12 @@ def test_vanished_file(tmp_path):
 def test_hashing_a_vanished_file_says_so(tmp_path):
     with pytest.raises(BadFileError, match=r"^vanished$"):
         file_hash(os.fsencode(tmp_path / "gone.jpg"))
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png", "webp", "gif", "bmp", "tiff", "avif"])
+def test_every_supported_format_decodes(tmp_path, suffix):
+    image = Image.new("RGB", (96, 64), (30, 160, 220))
+    path = save(image, tmp_path / f"picture.{suffix}")
+    decoded = decode_image(path, 32)
+    assert decoded.image.mode == "RGB" and (decoded.width, decoded.height) == (96, 64)
+    assert np.abs(np.asarray(decoded.image).astype(int)[20, 40] - (30, 160, 220)).max() <= 12
