@@ -246,6 +246,7 @@ class SearchEngine:
     ) -> list[dict[str, float]]:
         """CLIP zero-shot classification: for each image, each label's probability, best first.
 
+        An image is a path (str or Path), bytes, a PIL image or a stored item id (int).
         Probabilities are the softmax of the model's own logit scale times the cosine
         similarities to `template` filled with each label.
         """
@@ -253,7 +254,8 @@ class SearchEngine:
         if len(labels) < 2:
             raise QueryError("give at least two labels to choose between")
         texts = self.encoder.embed_texts([template.format(label) for label in labels])
-        vectors = np.stack([self.embed(image) for image in images]) if images else np.zeros((0, texts.shape[1]))
+        queries = [image if isinstance(image, (Query, int)) else Query.image(image) for image in images]
+        vectors = np.stack([self.embed(query) for query in queries]) if queries else np.zeros((0, texts.shape[1]))
         logits = self.encoder.logit_scale * vectors @ texts.T
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
