@@ -40,10 +40,6 @@ class VectorIndex:
         return built
 
     @property
-    def dim(self) -> int:
-        return self.index.d
-
-    @property
     def count(self) -> int:
         return self.index.ntotal
 
