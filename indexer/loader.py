@@ -83,7 +83,7 @@ def walk(
                 on_error(root, _reason(error))
             continue
         if stat.S_ISREG(info.st_mode):
-            if os.path.splitext(root)[1].lower() in suffixes:
+            if _has_suffix(os.path.basename(root), suffixes):
                 yield FileEntry(root, info.st_size, info.st_mtime_ns)
             continue
         stack = [root]
@@ -99,9 +99,7 @@ def walk(
                 continue
             folders = []
             for entry in entries:
-                name = entry.name
-                dot = name.rfind(b".")
-                is_picture = dot > 0 and name[dot:].lower() in suffixes
+                is_picture = _has_suffix(entry.name, suffixes)
                 # A picture's suffix is checked before any stat: most of a photo library's cost.
                 if not is_picture and entry.is_file():
                     continue
@@ -116,6 +114,11 @@ def walk(
                 elif is_picture and stat.S_ISREG(info.st_mode):
                     yield FileEntry(entry.path, info.st_size, info.st_mtime_ns)
             stack.extend(reversed(folders))
+
+
+def _has_suffix(name: bytes, suffixes: frozenset[bytes]) -> bool:
+    dot = name.rfind(b".")
+    return dot > 0 and name[dot:].lower() in suffixes
 
 
 def _name(entry: os.DirEntry) -> bytes:

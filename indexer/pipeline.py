@@ -172,10 +172,8 @@ class Indexer:
             else:
                 todo.append(entry)
         report.found = len(seen)
-        missing = {
-            path: item for path, item in stored.items() if path not in seen and any(is_under(path, r) for r in roots)
-        }
-        gone = [path for path in known_failures if path not in seen and any(is_under(path, r) for r in roots)]
+        missing = {path: item for path, item in stored.items() if path not in seen and is_under(path, roots)}
+        gone = [path for path in known_failures if path not in seen and is_under(path, roots)]
         if gone or walk_failures:
             with self.store.write() as writer:
                 writer.forget_failures(gone)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ class Store:
         self._vectors: dict[str, VectorIndex] = {}
         self._dirty: set[str] = set()
         self._seen_generation = catalog.generation()
+        self._model_id: ModelId | None = None
 
     @classmethod
     def open(cls, root: str | os.PathLike, write: bool = False, create: bool = False) -> Store:
@@ -84,8 +85,11 @@ class Store:
 
     @property
     def model_id(self) -> ModelId | None:
-        stored = self.catalog.get("model")
-        return ModelId.from_dict(json.loads(stored)) if stored else None
+        """The model the index was made with; None until the first model is claimed."""
+        if self._model_id is None:  # read once known: it never changes after that
+            stored = self.catalog.get("model")
+            self._model_id = ModelId.from_dict(json.loads(stored)) if stored else None
+        return self._model_id
 
     @property
     def model_checkpoint(self) -> str | None:
@@ -136,7 +140,7 @@ class Store:
         """Remove the pictures at or under `paths`, and the captions of `collection`; returns how many."""
         targets = [os.fsencode(os.path.abspath(path)) for path in paths]
         images = self.catalog.images()
-        ids = [item.id for path, item in images.items() if any(is_under(path, target) for target in targets)]
+        ids = [item.id for path, item in images.items() if is_under(path, targets)]
         with self.write() as writer:
             writer.delete_items(ids)
             removed = len(ids) + (writer.delete_collection(collection) if collection else 0)
@@ -182,7 +186,7 @@ class Store:
         problems = self.catalog.integrity_problems()
         for modality in MODALITIES:
             path = self._vector_path(modality)
-            ids, _ = self.catalog.vectors(modality)
+            ids = np.sort(self.catalog.matching_ids(modality, Filters()))
             if not len(ids) and not path.exists():
                 continue
             index, problem = self._load(modality)
@@ -288,6 +292,6 @@ def _take_writer_lock(root: Path) -> int:
     return descriptor
 
 
-def is_under(path: bytes, root: bytes) -> bool:
-    """Whether `path` is `root` or inside it."""
-    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+def is_under(path: bytes, roots: Iterable[bytes]) -> bool:
+    """Whether `path` is one of `roots` or inside one of them."""
+    return any(path == root or path.startswith(root.rstrip(b"/") + b"/") for root in roots)
