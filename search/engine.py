@@ -26,7 +26,7 @@ import numpy as np
 from indexer.config import index_dir
 from indexer.errors import BadFileError, QueryError
 from indexer.loader import decode_image, to_rgb
-from indexer.store import Filters, Store
+from indexer.store import MODALITIES, Filters, Store
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["MAX_K", "Hit", "Query", "SearchEngine"]
 
 MAX_K = 1000  # more hits than anyone reads; larger requests are capped
-MODALITIES = ("image", "text")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from indexer.models import ModelId
 from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, StoredImage, Writer
 from indexer.store.vectors import VectorIndex, remove_files
 
-__all__ = ["Filters", "NewCaption", "NewImage", "Store", "StoreStatus", "StoredImage", "is_under"]
+__all__ = ["MODALITIES", "Filters", "NewCaption", "NewImage", "Store", "StoreStatus", "StoredImage", "is_under"]
 
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"

@@ -365,6 +365,8 @@ class Writer:
         return ids
 
     def add_images(self, images: list[NewImage]) -> list[int]:
+        if not images:
+            return []
         now = time.time()
         rows = [
             {
@@ -381,11 +383,12 @@ class Writer:
             }
             for image in images
         ]
-        if rows:
-            self.connection.execute(delete(failures).where(failures.c.path.in_([image.path for image in images])))
-        return self._add_items(rows, (image.vector for image in images)) if rows else []
+        self.forget_failures([image.path for image in images])
+        return self._add_items(rows, (image.vector for image in images))
 
     def add_captions(self, collection: str, captions: list[NewCaption]) -> list[int]:
+        if not captions:
+            return []
         now = time.time()
         rows = [
             {
@@ -398,7 +401,7 @@ class Writer:
             }
             for c in captions
         ]
-        return self._add_items(rows, (c.vector for c in captions)) if rows else []
+        return self._add_items(rows, (c.vector for c in captions))
 
     def move_image(self, item_id: int, path: bytes, size: int, mtime_ns: int) -> None:
         """A picture found under a new path with the same content keeps its id and embedding."""
@@ -407,7 +410,7 @@ class Writer:
             .where(items.c.id == item_id)
             .values(path=path, display=display_path(path), size=size, mtime_ns=mtime_ns)
         )
-        self.connection.execute(delete(failures).where(failures.c.path == path))
+        self.forget_failures([path])
         self.changed = True
 
     def touch_image(self, item_id: int, size: int, mtime_ns: int) -> None:
