@@ -17,16 +17,15 @@ import difflib
 import logging
 import os
 import pickle
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
+from open_clip.factory import load_state_dict
 from open_clip.transformer import TextTransformer, text_global_pool
 from PIL import Image
-from safetensors import SafetensorError
 
 from indexer.errors import CheckpointError, ModelError
 from indexer.models import (
@@ -98,11 +97,12 @@ def _pretrained_file(architecture: str, tag: str, cache_dir: str | None, downloa
     )
 
 
-@contextlib.contextmanager
-def _checkpoint_errors(path: Path, architecture: str):
-    """Turn the ways a checkpoint fails to load into one clear CheckpointError each."""
+def _read_checkpoint(path: Path) -> None:
+    """Read the file as open_clip will, so that a file that cannot be read is told apart from
+    one that reads but does not fit: a damaged pickle fails in any way (UnpicklingError,
+    IndexError, EOFError, ...), and so does fitting weights to a model."""
     try:
-        yield
+        load_state_dict(str(path), weights_only=True)
     except pickle.UnpicklingError as error:
         if "Unsupported global" in str(error):  # torch's weights-only unpickler met a callable
             raise CheckpointError(
@@ -111,14 +111,8 @@ def _checkpoint_errors(path: Path, architecture: str):
                 "saved with torch.save."
             ) from error
         raise _unreadable(path, error) from error
-    except (SafetensorError, EOFError, zipfile.BadZipFile, OSError) as error:
+    except Exception as error:
         raise _unreadable(path, error) from error
-    except RuntimeError as error:
-        if "PytorchStreamReader" in str(error):  # torch.load on a damaged zip
-            raise _unreadable(path, error) from error
-        raise _does_not_fit(path, architecture, error) from error
-    except Exception as error:  # open_clip's key conversions and resizing fail in many ways
-        raise _does_not_fit(path, architecture, error) from error
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
@@ -184,8 +178,11 @@ def load_encoder(
             torch.manual_seed(0)
             clip, _, preprocess = open_clip.create_model_and_transforms(model, **options)
     else:
-        with _checkpoint_errors(weights, model):
+        _read_checkpoint(weights)  # read twice (the second from the page cache) for clear errors
+        try:
             clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(weights), **options)
+        except Exception as error:  # open_clip's key conversions and resizing fail in many ways
+            raise _does_not_fit(weights, model, error) from error
     try:
         tokenizer = open_clip.get_tokenizer(model)
     except Exception as error:  # e.g. a Hugging Face tokenizer that is not available offline

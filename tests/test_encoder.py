@@ -1,5 +1,5 @@
 import hashlib
-import os
+import random
 
 import numpy as np
 import open_clip
@@ -111,11 +111,17 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         load_encoder("demo", checkpoint=tmp_path / "nowhere.safetensors")
 
 
-@pytest.mark.parametrize("name", ["truncated.safetensors", "garbage.pt"])
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path, name):
+@pytest.mark.parametrize("name", ["truncated.safetensors", "truncated.pt", *(f"garbage-{n}.pt" for n in range(20))])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, name, demo_encoder):
     bad = tmp_path / name
-    good = demo_checkpoint().read_bytes()
-    bad.write_bytes(good[: len(good) // 2] if name.endswith(".safetensors") else os.urandom(4096))
+    if name == "truncated.safetensors":
+        good = demo_checkpoint().read_bytes()
+        bad.write_bytes(good[: len(good) // 2])
+    elif name == "truncated.pt":
+        torch.save(demo_encoder.model.state_dict(), bad)
+        bad.write_bytes(bad.read_bytes()[:100_000])
+    else:  # random bytes: a damaged pickle fails in many different ways
+        bad.write_bytes(random.Random(name).randbytes(4096))
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_encoder("demo", checkpoint=bad)
 
