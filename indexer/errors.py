@@ -5,6 +5,8 @@
     │   └── CheckpointError  a checkpoint file is missing, unreadable, unsafe or does not fit
     ├── BadFileError       one input file cannot be read: recorded with its reason and skipped
     ├── QueryError         a query cannot be answered as asked (empty, unreadable image, bad k, ...)
+    │   └── ItemNotFoundError  the query names an item id that is not in the index
+    ├── PolicyError        a moderation policy file is unreadable or malformed
     └── StoreError         an index cannot be used as asked
         ├── IndexNotFoundError   there is no index there
         ├── IndexLockedError     another process is writing to it
@@ -48,3 +50,11 @@ class ModelMismatchError(StoreError):
 
 class QueryError(ClipseekError):
     """A query cannot be answered as asked: empty, an unreadable image, an unknown item, bad k."""
+
+
+class ItemNotFoundError(QueryError):
+    """The query names an item id that is not in the index."""
+
+
+class PolicyError(ClipseekError):
+    """A moderation policy is unreadable or malformed; the message names the field and the fix."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from indexer.errors import ClipseekError
-from search import index_commands, query_commands
+from search import index_commands, query_commands, serve_command
 
 
 class _Group(click.Group):
@@ -41,7 +41,9 @@ for command in (
     query_commands.search,
     query_commands.similar,
     query_commands.classify,
+    query_commands.moderate,
     query_commands.evaluate,
+    serve_command.serve,
 ):
     cli.add_command(command)
 

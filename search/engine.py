@@ -5,6 +5,7 @@
     engine.search(Query.image("cat.jpg") + Query.text("at night"))  # image + text → image
     engine.search(Query.text("beach") + "dog" - Query.text("people"))
     engine.search(Path("cat.jpg"), modality="text")                 # image → caption
+    engine.moderate(image="upload.jpg", policy=Policy.load("policy.yaml"))  # search.moderation
 
 One engine serves many threads. It opens the index read-only, loads the index's own model on
 the first query that needs one, and follows the indexer: every query checks the catalog's
@@ -16,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from indexer.config import index_dir
-from indexer.errors import BadFileError, QueryError
+from indexer.errors import BadFileError, ItemNotFoundError, QueryError
 from indexer.loader import decode_image, to_rgb
 from indexer.store import MODALITIES, Filters, Store
 
@@ -32,10 +34,12 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from indexer.encoder import Encoder
+    from search.moderation import Policy, Verdict
 
 __all__ = ["MAX_K", "Hit", "Query", "SearchEngine"]
 
 MAX_K = 1000  # more hits than anyone reads; larger requests are capped
+PROMPT_CACHE = 64  # policies whose prompt embeddings an engine keeps (inline HTTP policies vary)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class SearchEngine:
         self._checkpoint = checkpoint
         self._encoder: Encoder | None = None
         self._lock = threading.Lock()
+        self._prompts: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()  # least recently used first
+        self._prompts_lock = threading.Lock()  # not self._lock: embedding needs self.encoder, which takes it
 
     @classmethod
     def open(cls, index: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None) -> SearchEngine:
@@ -167,7 +173,7 @@ class SearchEngine:
         if kind == "item":
             vector = self.store.catalog.embedding(value)
             if vector is None:
-                raise QueryError(f"no item {value} in the index")
+                raise ItemNotFoundError(f"no item {value} in the index")
             return vector
         if kind == "text":
             if not str(value).strip():
@@ -240,6 +246,24 @@ class SearchEngine:
             hits = [hit for hit in hits if hit.id != int(item_or_image)]
         return hits[:k]
 
+    def item(self, item_id: int) -> dict[str, Any]:
+        """What the index knows of one stored item (a hit without a score)."""
+        row = self._row(item_id)
+        return {key: value for key, value in asdict(_hit(row, 0.0)).items() if key != "score"}
+
+    def image_file(self, item_id: int) -> Path:
+        """Where a stored picture is on disk: taken from the catalog, never from the caller."""
+        row = self._row(item_id)
+        if row.modality != "image":
+            raise QueryError(f"item {item_id} is a caption, not a picture")
+        return Path(os.fsdecode(row.path))
+
+    def _row(self, item_id: int):
+        row = self.store.catalog.items_by_id([item_id]).get(item_id)
+        if row is None:
+            raise ItemNotFoundError(f"no item {item_id} in the index")
+        return row
+
     def classify(
         self, images: Sequence[Any], labels: Sequence[str], template: str = "a photo of a {}."
     ) -> list[dict[str, float]]:
@@ -253,14 +277,55 @@ class SearchEngine:
         if len(labels) < 2:
             raise QueryError("give at least two labels to choose between")
         texts = self.encoder.embed_texts([template.format(label) for label in labels])
-        queries = [image if isinstance(image, (Query, int)) else Query.image(image) for image in images]
-        vectors = np.stack([self.embed(query) for query in queries]) if queries else np.zeros((0, texts.shape[1]))
-        logits = self.encoder.logit_scale * vectors @ texts.T
+        logits = self.encoder.logit_scale * self.embed_images(images) @ texts.T
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         return [
             dict(sorted(zip(labels, map(float, row), strict=True), key=lambda pair: -pair[1])) for row in probabilities
         ]
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
+        """Unit vectors of images (paths, bytes, PIL images or stored item ids), new ones embedded in one batch."""
+        vectors = np.zeros((len(images), self.store.model_id.dim), np.float32)
+        stored = {
+            row: int(image)
+            for row, image in enumerate(images)
+            if isinstance(image, (int, np.integer)) and not isinstance(image, bool)
+        }
+        for row, item in stored.items():
+            vectors[row] = self._term_vector("item", item)
+        fresh = [row for row in range(len(images)) if row not in stored]
+        if fresh:
+            vectors[fresh] = self.encoder.embed_images([self._query_image(images[row]) for row in fresh])
+        return vectors
+
+    def embed_prompts(self, prompts: tuple[str, ...]) -> np.ndarray:
+        """Text embeddings of a set of prompts, kept for the next call: a policy is reused for every upload."""
+        with self._prompts_lock:
+            if prompts in self._prompts:
+                self._prompts.move_to_end(prompts)
+                return self._prompts[prompts]
+        vectors = self.encoder.embed_texts(list(prompts))  # outside the lock: other policies need not wait
+        vectors.flags.writeable = False  # shared by every caller from now on
+        with self._prompts_lock:
+            self._prompts[prompts] = vectors
+            while len(self._prompts) > PROMPT_CACHE:
+                self._prompts.popitem(last=False)
+        return vectors
+
+    def moderate(self, image: Any = None, text: str | None = None, *, policy: Policy) -> Verdict:
+        """Judge a picture, a text or both against a moderation policy (search.moderation.Policy).
+
+        The picture is a path, bytes, a PIL image or a stored item id. The verdict's decision is
+        "block", "review" or "allow", with the reasons and every concept's scores.
+        """
+        return self.moderate_many([(image, text)], policy)[0]
+
+    def moderate_many(self, items: Sequence[tuple[Any, str | None]], policy: Policy) -> list[Verdict]:
+        """`moderate` for many (image or None, text or None) pairs: pictures and texts embedded in batches."""
+        from search.moderation import moderate
+
+        return moderate(self, items, policy)
 
 
 def _describe(kind: str, value: Any) -> str:

@@ -1,4 +1,4 @@
-"""The commands that query an index: search, similar, classify."""
+"""The commands that query an index: search, similar, classify, moderate, eval."""
 
 from __future__ import annotations
 
@@ -150,18 +150,59 @@ def similar(picture, item, threshold, k, as_json, paths_only, index):
 @index_option
 def classify(pictures, labels, template, as_json, index):
     """Zero-shot classification of PICTURES among --labels, with the index's model."""
-    from search.engine import Query, SearchEngine
+    from search.engine import SearchEngine
 
     if "{}" not in template:
         raise click.UsageError("--template must contain {} where the label goes")
     with SearchEngine.open(index) as engine:
-        results = engine.classify([Query.image(p) for p in pictures], labels.split(","), template)
+        results = engine.classify(list(pictures), labels.split(","), template)
     if as_json:
         click.echo(json.dumps([{"path": p, "labels": r} for p, r in zip(pictures, results, strict=True)], indent=2))
         return
     for picture, probabilities in zip(pictures, results, strict=True):
         best = ", ".join(f"{label} {p:.2f}" for label, p in list(probabilities.items())[:3])
         click.echo(f"{picture}: {best}")
+
+
+@click.command()
+@click.argument("pictures", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--text", help="Text that comes with the pictures (a caption, a comment); judged alone without PICTURES.")
+@click.option("--policy", "policy_file", required=True, metavar="FILE", help="The policy: a YAML or JSON file.")
+@json_option
+@index_option
+def moderate(pictures, text, policy_file, as_json, index):
+    """Judge PICTURES, a --text, or both against a moderation policy: block, review or allow.
+
+    \b
+      clipseek moderate upload.jpg --policy policy.yaml
+      clipseek moderate *.jpg --text "for sale, DM me" --policy policy.yaml --json
+      clipseek moderate --text "a comment to check" --policy policy.yaml
+
+    The policy's concepts score each picture and the text by similarity to their prompts; its
+    blocklists match pictures that look like the ones under a folder of the index (--index).
+    People get one line per picture: the decision, the picture, the reasons. The exit status is
+    0 whatever the decisions and 1 for errors (an unreadable picture or policy): scripts should
+    read the decisions from --json.
+    """
+    from search.engine import SearchEngine
+    from search.moderation import Policy
+
+    if not pictures and not text:
+        raise click.UsageError("give PICTURES, --text TEXT or both")
+    policy = Policy.load(policy_file)  # before the index and model: a bad policy fails at once
+    items = [(picture, text) for picture in pictures] or [(None, text)]
+    with SearchEngine.open(index) as engine:
+        verdicts = engine.moderate_many(items, policy)
+    if as_json:
+        results = [
+            {"image": image, "text": text, **verdict.to_dict()}
+            for (image, _), verdict in zip(items, verdicts, strict=True)
+        ]
+        click.echo(json.dumps({"policy": policy_file, "results": results}, indent=2, ensure_ascii=False))
+        return
+    for (image, _), verdict in zip(items, verdicts, strict=True):
+        subject = image if image is not None else json.dumps(text, ensure_ascii=False)
+        click.echo(f"{verdict.decision:<6}  {subject}  {'; '.join(verdict.reasons)}".rstrip())
 
 
 @click.command("eval")

@@ -1,0 +1,276 @@
+"""The HTTP API over one SearchEngine: `clipseek serve`, or `create_app(engine)` under any ASGI server.
+
+One warm engine serves every request (it follows the indexer's commits by itself). Requests are
+validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad query), 404
+(no such item) or 503 (model or index unavailable); work longer than the timeout is a 504; a
+body larger than the limit is refused with 413 before it is read. With a token, every route that
+returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
+OpenAPI description hold no data and stay open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from indexer.errors import ClipseekError, ItemNotFoundError, ModelError, PolicyError, QueryError, StoreError
+from search import knn_service
+from search.engine import MAX_K, SearchEngine
+from search.engine import Query as EngineQuery
+from search.http_context import ServerSettings, engine_of, run
+from search.http_schemas import ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
+from search.thumbnails import Thumbnails
+
+WEB = Path(__file__).with_name("web")
+
+
+def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    app = FastAPI(title="clipseek", version=_version(), summary="CLIP search over an index of pictures and captions")
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.thumbnails = Thumbnails()
+    _error_handlers(app)
+
+    api = APIRouter(dependencies=[Depends(_authorised)])
+    _search_routes(api)
+    _item_routes(api)
+    _judging_routes(api)
+    api.include_router(knn_service.router)
+    app.include_router(api)
+
+    @app.get("/health", tags=["server"])
+    def health() -> dict[str, Any]:
+        """Open to all: the server answers and the index is readable."""
+        return {"status": "ok", "generation": engine.store.catalog.generation()}
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+    if settings.cors:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(BodyLimit, limit=settings.max_body)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("clipseek")
+
+
+def _authorised(request: Request) -> None:
+    token = request.app.state.settings.token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest takes as long whatever the first differing byte, so timing tells nothing.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(
+            401, "a valid 'Authorization: Bearer TOKEN' header is needed", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def _error_handlers(app: FastAPI) -> None:
+    statuses = [(ItemNotFoundError, 404), (QueryError, 400), (PolicyError, 400), (ModelError, 503), (StoreError, 503)]
+
+    @app.exception_handler(ClipseekError)
+    async def clipseek_error(request: Request, error: ClipseekError) -> JSONResponse:
+        status = next((code for kind, code in statuses if isinstance(error, kind)), 400)
+        return JSONResponse({"detail": str(error)}, status_code=status)
+
+
+# -- search ------------------------------------------------------------------------------------
+
+
+def _query(terms) -> EngineQuery:
+    query = EngineQuery()
+    for term in terms:
+        if term.text is not None:
+            query += term.weight * EngineQuery.text(term.text)
+        elif term.image is not None:
+            query += term.weight * EngineQuery.image(image_bytes(term.image))
+        else:
+            query += term.weight * EngineQuery.item(term.item)
+    return query
+
+
+async def _answer(request: Request, query: EngineQuery, fields) -> dict[str, Any]:
+    k = min(fields.k, MAX_K)
+    hits = await run(request, engine_of(request).search, query, k, fields.modality, **fields.filters())
+    return {
+        "query": repr(query),
+        "modality": fields.modality,
+        "k": k,
+        "offset": fields.offset,
+        "hits": [hit.to_dict() for hit in hits],
+    }
+
+
+def _search_routes(api: APIRouter) -> None:
+    @api.post("/search", tags=["search"])
+    async def search(request: Request, body: SearchRequest) -> dict[str, Any]:
+        """Nearest items to a text, a picture (base64), a stored item, or a weighted mix of them (`terms`)."""
+        terms = body.all_terms()
+        if not terms:
+            raise HTTPException(422, "give a text, an image, an item or terms")
+        return await _answer(request, _query(terms), body)
+
+    @api.get("/search", tags=["search"])
+    async def search_get(request: Request, params: Annotated[SearchParams, Query()]) -> dict[str, Any]:
+        """POST /search for a text or an item, in the URL: `/search?text=a+red+circle&k=5`."""
+        return await search(request, SearchRequest(**params.model_dump()))
+
+    @api.post("/search/image", tags=["search"])
+    async def search_upload(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the query picture")],
+        text: Annotated[str | None, Form(max_length=2000, description="a text added to the picture")] = None,
+        modality: Annotated[str, Form(pattern="^(image|text)$")] = "image",
+        k: Annotated[int, Form(ge=1)] = 10,
+        offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
+    ) -> dict[str, Any]:
+        """A multipart upload: `curl -F image=@cat.jpg -F k=5 http://127.0.0.1:8000/search/image`."""
+        query = EngineQuery.image(await image.read())
+        if text:
+            query += EngineQuery.text(text)
+        return await _answer(request, query, SearchRequest(modality=modality, k=k, offset=offset))
+
+
+# -- items -------------------------------------------------------------------------------------
+
+
+def _item_id(item_id: str) -> int:
+    # Only a plain number names an item; anything else (a path, '..') names nothing.
+    if not item_id.isdecimal() or len(item_id) > 18:
+        raise HTTPException(404, f"no item {item_id[:40]!r}")
+    return int(item_id)
+
+
+def _item_routes(api: APIRouter) -> None:
+    @api.get("/items/{item_id}", tags=["items"])
+    async def item(request: Request, item_id: str) -> dict[str, Any]:
+        """What the index knows of an item."""
+        return await run(request, engine_of(request).item, _item_id(item_id))
+
+    @api.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response)
+    async def thumbnail(request: Request, item_id: str, size: Annotated[int, Query(ge=64, le=1024)] = 256):
+        """A JPEG preview of a stored picture, at most `size` pixels on its long side."""
+        path = await run(request, engine_of(request).image_file, _item_id(item_id))
+        data = await run(request, request.app.state.thumbnails.jpeg, path, size)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=600"})
+
+    @api.get("/items/{item_id}/image", tags=["items"], response_class=FileResponse)
+    async def image(request: Request, item_id: str):
+        """The stored picture itself, as it is on disk (the path comes from the catalog only)."""
+        path = await run(request, engine_of(request).image_file, _item_id(item_id))
+        if not path.is_file():
+            raise HTTPException(404, f"item {item_id} is no longer on disk")
+        return FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
+
+    @api.get("/stats", tags=["server"])
+    async def stats(request: Request) -> dict[str, Any]:
+        """Items per modality and collection, the model, the index type, sizes on disk."""
+        state = await run(request, engine_of(request).store.status)
+        return {
+            "index": request.app.state.settings.index_name,
+            "model": state.model.to_dict() if state.model else None,
+            "index_type": state.index_type,
+            "generation": state.generation,
+            "updated_at": state.updated_at,
+            "items": [{"modality": m, "collection": c, "count": n} for m, c, n in state.counts],
+            "failures": state.failures,
+            "bytes_on_disk": state.bytes_on_disk,
+        }
+
+
+# -- classify and moderate ---------------------------------------------------------------------
+
+
+def _picture(ref) -> Any:
+    """A picture given as a stored item id or base64 bytes; None when it has neither."""
+    if ref.item is not None:
+        return ref.item
+    return None if ref.image is None else image_bytes(ref.image)
+
+
+def _judging_routes(api: APIRouter) -> None:
+    @api.post("/classify", tags=["judge"])
+    async def classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
+        """Zero-shot classification: each picture's probability for each label, best first."""
+        if "{}" not in body.template:
+            raise HTTPException(422, "template must contain {} where the label goes")
+        pictures = [_picture(ref) for ref in body.images]
+        results = await run(request, engine_of(request).classify, pictures, body.labels, body.template)
+        return {"results": [{"labels": labels} for labels in results]}
+
+    @api.post("/moderate", tags=["judge"])
+    async def moderate(request: Request, body: ModerateRequest) -> dict[str, Any]:
+        """Judge pictures and texts against the server's policy (or one sent inline): block, review or allow."""
+        from search.moderation import Policy
+
+        policy = Policy.from_dict(body.policy) if body.policy is not None else request.app.state.settings.policy
+        if policy is None:
+            raise HTTPException(400, "no policy: start the server with --policy FILE or send one in the request")
+        items = [(_picture(item), item.text) for item in body.items]
+        verdicts = await run(request, engine_of(request).moderate_many, items, policy)
+        return {"results": [verdict.to_dict() for verdict in verdicts]}
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuses a request body larger than `limit` bytes with 413, whether it says its length or not.
+
+    A streamed body is counted as the application reads it; past the limit the client gets the
+    413 at once, the application sees a disconnected client, and whatever it answers is dropped.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        received = 0
+        refused = False
+
+        async def counted_receive():
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                refused = True
+                await self._refuse(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted_receive, guarded_send)
+
+    async def _refuse(self, scope, receive, send):
+        detail = f"the request body is larger than {self.limit} bytes"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)

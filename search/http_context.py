@@ -1,0 +1,36 @@
+"""What every HTTP route shares: the server's settings, its one engine, and how blocking work runs."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
+
+from search.engine import SearchEngine
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    token: str | None = None
+    max_body: int = 20 * 2**20  # bytes; a phone photo is 2-8 MB, base64 adds a third
+    timeout: float = 30.0  # seconds a request may work before it is answered 504
+    policy: Any = None  # search.moderation.Policy used by /moderate when a request brings none
+    fetch_urls: bool = False  # /knn-service's image_url: the server fetches only when enabled
+    cors: tuple[str, ...] = ()  # origins allowed to call the API from a browser (clip-front elsewhere)
+    index_name: str = "default"  # the name /indices-list gives the index
+
+
+async def run(request: Request, function, *args, **kwargs):
+    """Run blocking engine work in the thread pool, answering 504 if it outlasts the timeout."""
+    timeout = request.app.state.settings.timeout
+    try:
+        return await asyncio.wait_for(run_in_threadpool(function, *args, **kwargs), timeout)
+    except TimeoutError:
+        raise HTTPException(504, f"the request took longer than {timeout:g} s") from None
+
+
+def engine_of(request: Request) -> SearchEngine:
+    return request.app.state.engine

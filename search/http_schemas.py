@@ -1,0 +1,123 @@
+"""The HTTP API's request bodies: validated by pydantic, so a malformed request is a 422 with its reason.
+
+Pictures travel as base64 of the file's bytes (JSON cannot carry bytes); `POST /search/image`
+takes a multipart upload instead, for curl and forms.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from indexer.errors import QueryError
+
+MAX_TEXT = 2000  # characters; CLIP reads at most 77 tokens, so longer texts are mistakes or abuse
+MAX_TERMS = 16
+MAX_BATCH = 64  # pictures per classify or moderate request
+
+
+def image_bytes(encoded: str) -> bytes:
+    """The bytes of a base64 picture; a data: URL prefix (as browsers make them) is allowed."""
+    if encoded.startswith("data:") and "," in encoded:
+        encoded = encoded.split(",", 1)[1]
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise QueryError("the picture is not valid base64") from error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Term(_Strict):
+    """One weighted part of a query: exactly one of text, image (base64) or item."""
+
+    text: str | None = Field(None, max_length=MAX_TEXT)
+    image: str | None = None
+    item: int | None = None
+    weight: float = Field(1.0, ge=-100, le=100)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Term:
+        given = [name for name in ("text", "image", "item") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a term has exactly one of text, image or item (got {', '.join(given) or 'none'})")
+        return self
+
+
+class FilterFields(_Strict):
+    modality: Literal["image", "text"] = "image"
+    k: int = Field(10, ge=1, description="How many hits; more than the server's cap is capped.")
+    offset: int = Field(0, ge=0, le=100_000)
+    path: str | None = Field(None, max_length=4096, description="A folder prefix or a glob on picture paths.")
+    collection: str | None = None
+    date_from: str | None = Field(None, description="YYYY-MM-DD, inclusive.")
+    date_to: str | None = Field(None, description="YYYY-MM-DD, inclusive.")
+    min_score: float | None = Field(None, ge=-1, le=1)
+
+    def filters(self) -> dict[str, Any]:
+        return self.model_dump(include={"path", "collection", "date_from", "date_to", "min_score", "offset"})
+
+
+class SearchParams(FilterFields):
+    """A query in a URL: a text or a stored item."""
+
+    text: str | None = Field(None, max_length=MAX_TEXT)
+    item: int | None = None
+
+
+class SearchRequest(SearchParams):
+    """A query: `text`, `image` or `item` for a plain one, `terms` for a weighted combination."""
+
+    image: str | None = Field(None, description="base64 of a picture file")
+    terms: list[Term] = Field(default_factory=list, max_length=MAX_TERMS)
+
+    def all_terms(self) -> list[Term]:
+        plain = [
+            Term(**{name: value}) for name in ("text", "image", "item") if (value := getattr(self, name)) is not None
+        ]
+        return plain + self.terms
+
+
+class ImageRef(_Strict):
+    """A picture: base64 bytes, or a stored item."""
+
+    image: str | None = None
+    item: int | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ImageRef:
+        if (self.image is None) == (self.item is None):
+            raise ValueError("give exactly one of image (base64) or item")
+        return self
+
+
+class ClassifyRequest(_Strict):
+    images: list[ImageRef] = Field(min_length=1, max_length=MAX_BATCH)
+    labels: list[str] = Field(min_length=2, max_length=1000)
+    template: str = Field("a photo of a {}.", max_length=MAX_TEXT)
+
+
+class ModerateItem(_Strict):
+    """One upload to judge: a picture (base64 or stored item), its accompanying text, or both."""
+
+    image: str | None = None
+    item: int | None = None
+    text: str | None = Field(None, max_length=MAX_TEXT)
+
+    @model_validator(mode="after")
+    def _something(self) -> ModerateItem:
+        if self.image is not None and self.item is not None:
+            raise ValueError("give image or item, not both")
+        if self.image is None and self.item is None and self.text is None:
+            raise ValueError("give an image, an item or a text")
+        return self
+
+
+class ModerateRequest(_Strict):
+    items: list[ModerateItem] = Field(min_length=1, max_length=MAX_BATCH)
+    policy: dict[str, Any] | None = Field(None, description="A policy inline; default: the server's --policy")

@@ -1,0 +1,129 @@
+"""clip-retrieval's back-end API (`/knn-service`, `/indices-list`, `/metadata`), so its ClipClient
+and its clip-front page work against clipseek.
+
+The shapes follow clip-retrieval's `clip back`: the request body is JSON whatever its
+Content-Type says (clip-front posts text/plain to avoid a CORS preflight); the answer is a bare
+list of results, the first `num_images` with their metadata (`image_path`, `url` and a base64
+JPEG `image` for pictures; `caption` for texts), each with `id` and `similarity`. The query is
+the first of: a non-empty `text`, `image` (base64), `image_url`, `embedding_input`. Options that
+need models clipseek does not have (safety, violence, aesthetic, M-CLIP) are accepted and
+ignored; `deduplicate` is ignored too, since an index holds each picture once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from indexer.errors import QueryError
+from search.engine import MAX_K
+from search.engine import Query as EngineQuery
+from search.http_context import engine_of, run
+from search.http_schemas import MAX_TEXT, image_bytes
+from search.url_fetch import fetch_image
+
+router = APIRouter(tags=["clip-retrieval"])
+PREVIEW = 256  # pixels: the base64 `image` clip-front shows in its grid
+
+
+class KnnRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send options clipseek has no use for
+
+    text: str | None = Field(None, max_length=MAX_TEXT)
+    image: str | None = None
+    image_url: str | None = Field(None, max_length=4096)
+    embedding_input: list[float] | None = Field(None, max_length=8192)
+    modality: str = "image"
+    num_images: int = Field(40, ge=0)
+    num_result_ids: int | None = Field(None, ge=1)
+    indice_name: str | None = None
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[int] = Field(max_length=MAX_K)
+    indice_name: str | None = None
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate(json.loads(await request.body()))
+    except ValueError as error:  # json.JSONDecodeError and pydantic's ValidationError are ValueErrors
+        errors = error.errors(include_url=False) if isinstance(error, ValidationError) else str(error)
+        raise HTTPException(422, errors) from None
+
+
+def _check_index(request: Request, name: str | None) -> None:
+    known = request.app.state.settings.index_name
+    if name not in (None, "", known):
+        raise HTTPException(400, f"no index {name!r} here (indices: {known})")
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
+
+
+@router.get("/indices-list")
+def indices_list(request: Request) -> list[str]:
+    """The index this server serves, by name."""
+    return [request.app.state.settings.index_name]
+
+
+@router.post("/knn-service", openapi_extra=_schema(KnnRequest))
+async def knn_service(request: Request) -> list[dict[str, Any]]:
+    """Nearest neighbours in clip-retrieval's request and response shapes."""
+    body = await _body(request, KnnRequest)
+    _check_index(request, body.indice_name)
+    query = await _query(request, body)
+    k = min(body.num_result_ids or body.num_images or 1, MAX_K)
+    modality = "image" if body.modality == "image" else "text"
+    hits = await run(request, engine_of(request).search, query, k, modality)
+    shown = body.num_images
+    return [
+        {**(await _metadata(request, hit.id) if rank < shown else {}), "id": hit.id, "similarity": hit.score}
+        for rank, hit in enumerate(hits)
+    ]
+
+
+@router.post("/metadata", openapi_extra=_schema(MetadataRequest))
+async def metadata(request: Request) -> list[dict[str, Any]]:
+    """The metadata of stored items by id (unknown ids are left out)."""
+    body = await _body(request, MetadataRequest)
+    _check_index(request, body.indice_name)
+    known = await run(request, engine_of(request).store.catalog.items_by_id, body.ids)
+    return [{"id": item_id, "metadata": await _metadata(request, item_id)} for item_id in body.ids if item_id in known]
+
+
+async def _query(request: Request, body: KnnRequest) -> EngineQuery:
+    if body.text:
+        return EngineQuery.text(body.text)
+    if body.image:
+        return EngineQuery.image(image_bytes(body.image))
+    if body.image_url:
+        settings = request.app.state.settings
+        if not settings.fetch_urls:
+            raise HTTPException(400, "this server does not fetch image_url (start it with --fetch-urls)")
+        return EngineQuery.image(await run(request, fetch_image, body.image_url, settings.max_body))
+    if body.embedding_input:
+        return EngineQuery.vector(body.embedding_input)
+    raise HTTPException(400, "must fill one of text, image, image_url and embedding_input")
+
+
+async def _metadata(request: Request, item_id: int) -> dict[str, Any]:
+    """clip-retrieval's metadata columns for one item."""
+    engine = engine_of(request)
+    item = await run(request, engine.item, item_id)
+    if item["modality"] == "text":
+        return {"caption": item["caption"]}
+    found = {"image_path": item["path"], "url": str(request.url_for("image", item_id=str(item_id)))}
+    try:
+        path = await run(request, engine.image_file, item_id)
+        preview = await run(request, request.app.state.thumbnails.jpeg, path, PREVIEW)
+    except QueryError:  # the picture left the disk since it was indexed: no preview, still a result
+        return found
+    return {"image": base64.b64encode(preview).decode("ascii"), **found}

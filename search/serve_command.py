@@ -1,0 +1,68 @@
+"""`clipseek serve`: the HTTP API and the search page over one index."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from search.options import index_option
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]+)\s*([KMG]?)i?B?\s*", text.upper())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size (for example 20M)")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+@click.command()
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
+@click.option("--token", envvar="CLIPSEEK_TOKEN", help="Require 'Authorization: Bearer TOKEN' [env: CLIPSEEK_TOKEN].")
+@click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="Moderation policy for POST /moderate.")
+@click.option("--max-upload", default="20M", show_default=True, help="Largest request body accepted.")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds per request.")
+@click.option("--fetch-urls", is_flag=True, help="Let /knn-service fetch image_url (public addresses only).")
+@click.option("--cors", multiple=True, metavar="ORIGIN", help="Let pages from ORIGIN call the API (repeatable).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="The index model's weights, if they moved.")
+def serve(index, host, port, token, policy, max_upload, timeout, fetch_urls, cors, checkpoint):
+    """Serve the HTTP API and the search page for an index.
+
+    \b
+      clipseek serve                         # http://127.0.0.1:8000/
+      clipseek serve --token s3cret --policy policy.yaml
+      curl 'http://127.0.0.1:8000/search?text=a+cat&k=5'
+
+    The API is described at /docs. It binds to localhost unless --host says otherwise; give a
+    --token before opening it to a network. New commits by `clipseek index` are served
+    without a restart.
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.ClickException("the HTTP server needs its extra: pip install 'clipseek[server]'") from None
+    from indexer.config import index_dir
+    from search.engine import SearchEngine
+    from search.http import create_app
+    from search.http_context import ServerSettings
+    from search.moderation import Policy
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        click.echo(f"warning: serving {host} without --token: anyone who can reach it can search the index", err=True)
+    settings = ServerSettings(
+        token=token,
+        max_body=_bytes(max_upload),
+        timeout=timeout,
+        policy=Policy.load(policy) if policy else None,
+        fetch_urls=fetch_urls,
+        cors=tuple(cors),
+        index_name=index_dir(index).name,
+    )
+    engine = SearchEngine.open(index, checkpoint)
+    click.echo(f"loading the model of {engine.store.root} …", err=True)
+    engine.encoder  # noqa: B018 — loaded now, so the first query does not wait for it
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning", timeout_keep_alive=30)
