@@ -90,10 +90,14 @@ def soft_contrastive_loss(image_features, text_features, logit_scale, positives)
     return (text_to_image.mean() + image_to_text.mean()) / 2
 
 
-def train(steps: int, batch_size: int, lr: float, seed: int, out: Path, config: Path) -> None:
+def train(steps: int, batch_size: int, lr: float, seed: int, out: Path, config: Path, init: Path | None) -> None:
     open_clip.add_model_config(config)
     torch.manual_seed(seed)
     model = open_clip.create_model(config.stem)
+    if init is not None:  # go on from earlier weights (float16 on disk; trained on in float32)
+        from safetensors.torch import load_file
+
+        model.load_state_dict({name: tensor.float() for name, tensor in load_file(str(init)).items()})
     preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
     tokenizer = open_clip.get_tokenizer("demo")
     named = list(model.named_parameters())
@@ -145,10 +149,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "demo.safetensors")
     parser.add_argument("--config", type=Path, default=HERE / "demo.json", help="open_clip model config")
+    parser.add_argument("--init", type=Path, help="start from these weights instead of random ones")
     parser.add_argument("--eval-only", action="store_true")
     args = parser.parse_args()
     if not args.eval_only:
-        train(args.steps, args.batch_size, args.lr, args.seed, args.out, args.config)
+        train(args.steps, args.batch_size, args.lr, args.seed, args.out, args.config, args.init)
     evaluate(args.out)
 
 

@@ -25,7 +25,13 @@ def _bytes(text: str) -> int:
 @click.option("--token", envvar="CLIPSEEK_TOKEN", help="Require 'Authorization: Bearer TOKEN' [env: CLIPSEEK_TOKEN].")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="Moderation policy for POST /moderate.")
 @click.option("--max-upload", default="20M", show_default=True, help="Largest request body accepted.")
-@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds per request.")
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds per request.",
+)
 @click.option("--fetch-urls", is_flag=True, help="Let /knn-service fetch image_url (public addresses only).")
 @click.option("--cors", multiple=True, metavar="ORIGIN", help="Let pages from ORIGIN call the API (repeatable).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="The index model's weights, if they moved.")

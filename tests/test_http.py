@@ -301,11 +301,16 @@ def test_knn_service_refuses_bad_input_and_private_urls(client):
         assert "refused" in response.json()["detail"] or "http or https" in response.json()["detail"]
 
 
-def test_without_fetch_urls_image_url_is_off_and_openapi_describes_the_api(library):
+def test_without_fetch_urls_image_url_is_off_timeouts_are_504_and_openapi_describes_the_api(library):
     root, _ = library
-    with serving(root / "index") as url:
+    with serving(root / "index", "--timeout", "0.001") as url:
         response = httpx.post(f"{url}/knn-service", json={"image_url": "https://example.com/a.jpg", "num_images": 1})
         assert response.status_code == 400 and "--fetch-urls" in response.json()["detail"]
+        slow = httpx.post(
+            f"{url}/classify", json={"images": [{"item": 1}], "labels": [f"label {n}" for n in range(500)]}
+        )
+        assert slow.status_code == 504 and "longer than 0.001 s" in slow.json()["detail"]
         paths = httpx.get(f"{url}/openapi.json").json()["paths"]
         assert {"/search", "/search/image", "/items/{item_id}/thumbnail", "/moderate", "/knn-service"} <= set(paths)
         assert "<title>clipseek</title>" in httpx.get(url).text
+        assert httpx.get(f"{url}/health").status_code == 200
