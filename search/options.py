@@ -10,6 +10,11 @@ index_option = click.option(
     metavar="NAME|DIR",
     help="An index by name (in $CLIPSEEK_HOME, else $XDG_DATA_HOME/clipseek) or by folder. Default: 'default'.",
 )
+# For the commands that read an index: its model's weights when they are no longer where the
+# index was made (another machine, a moved file); they must be the same weights (sha256).
+weights_option = click.option(
+    "--checkpoint", type=click.Path(dir_okay=False), help="The index model's weights, if they moved."
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 
 

@@ -8,7 +8,7 @@ import re
 
 import click
 
-from search.options import index_option, json_option, model_options, output_options
+from search.options import index_option, json_option, model_options, output_options, weights_option
 
 
 def _weighted(text: str) -> tuple[str, float]:
@@ -77,6 +77,7 @@ def _cap(k: int) -> int:
 @click.option("--min-score", type=float, help="Only results at least this similar.")
 @output_options
 @index_option
+@weights_option
 def search(
     text,
     image,
@@ -95,6 +96,7 @@ def search(
     as_json,
     paths_only,
     index,
+    checkpoint,
 ):
     """Find pictures (or, with --texts, captions) nearest to a text, a picture or a mix.
 
@@ -109,7 +111,7 @@ def search(
     query = _query(text, image, item, add, subtract, add_image)
     if path_filter and not path_filter.startswith(("/", "*", "?", "[")):
         path_filter = os.path.abspath(path_filter)
-    with SearchEngine.open(index) as engine:
+    with SearchEngine.open(index, checkpoint) as engine:
         hits = engine.search(
             query,
             k=_cap(k),
@@ -131,13 +133,14 @@ def search(
 @click.option("-k", "k", default=100, show_default=True, type=int, help="At most this many.")
 @output_options
 @index_option
-def similar(picture, item, threshold, k, as_json, paths_only, index):
+@weights_option
+def similar(picture, item, threshold, k, as_json, paths_only, index, checkpoint):
     """Pictures that look like PICTURE (or a stored --item): near-duplicates at a high threshold."""
     from search.engine import Query, SearchEngine
 
     if (picture is None) == (item is None):
         raise click.UsageError("give a PICTURE or --item ID")
-    with SearchEngine.open(index) as engine:
+    with SearchEngine.open(index, checkpoint) as engine:
         hits = engine.similar(item if item is not None else Query.image(picture), threshold=threshold, k=_cap(k))
     _print_hits(hits, as_json, paths_only, {"threshold": threshold})
 
@@ -148,13 +151,14 @@ def similar(picture, item, threshold, k, as_json, paths_only, index):
 @click.option("--template", default="a photo of a {}.", show_default=True, help="How a label becomes a text.")
 @json_option
 @index_option
-def classify(pictures, labels, template, as_json, index):
+@weights_option
+def classify(pictures, labels, template, as_json, index, checkpoint):
     """Zero-shot classification of PICTURES among --labels, with the index's model."""
     from search.engine import SearchEngine
 
     if "{}" not in template:
         raise click.UsageError("--template must contain {} where the label goes")
-    with SearchEngine.open(index) as engine:
+    with SearchEngine.open(index, checkpoint) as engine:
         results = engine.classify(list(pictures), labels.split(","), template)
     if as_json:
         click.echo(json.dumps([{"path": p, "labels": r} for p, r in zip(pictures, results, strict=True)], indent=2))
@@ -170,7 +174,8 @@ def classify(pictures, labels, template, as_json, index):
 @click.option("--policy", "policy_file", required=True, metavar="FILE", help="The policy: a YAML or JSON file.")
 @json_option
 @index_option
-def moderate(pictures, text, policy_file, as_json, index):
+@weights_option
+def moderate(pictures, text, policy_file, as_json, index, checkpoint):
     """Judge PICTURES, a --text, or both against a moderation policy: block, review or allow.
 
     \b
@@ -191,7 +196,7 @@ def moderate(pictures, text, policy_file, as_json, index):
         raise click.UsageError("give PICTURES, --text TEXT or both")
     policy = Policy.load(policy_file)  # before the index and model: a bad policy fails at once
     items = [(picture, text) for picture in pictures] or [(None, text)]
-    with SearchEngine.open(index) as engine:
+    with SearchEngine.open(index, checkpoint) as engine:
         verdicts = engine.moderate_many(items, policy)
     if as_json:
         results = [

@@ -6,7 +6,7 @@ import re
 
 import click
 
-from search.options import index_option
+from search.options import index_option, weights_option
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -34,7 +34,7 @@ def _bytes(text: str) -> int:
 )
 @click.option("--fetch-urls", is_flag=True, help="Let /knn-service fetch image_url (public addresses only).")
 @click.option("--cors", multiple=True, metavar="ORIGIN", help="Let pages from ORIGIN call the API (repeatable).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="The index model's weights, if they moved.")
+@weights_option
 def serve(index, host, port, token, policy, max_upload, timeout, fetch_urls, cors, checkpoint):
     """Serve the HTTP API and the search page for an index.
 

@@ -96,3 +96,24 @@ def test_eval_reports_recall_in_both_directions(home):
     for direction in ("text→image", "image→text"):
         r1, r5, r10 = (figures[f"{direction} R@{k}"] for k in (1, 5, 10))
         assert 0.5 <= r1 <= r5 <= r10 <= 1.0
+
+
+def test_moved_weights_are_named_with_checkpoint(tmp_path):
+    from indexer.models import demo_checkpoint
+
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(demo_checkpoint().read_bytes())
+    write_library(tmp_path / "library", count=4, seed=2)
+    home = (tmp_path, {"CLIPSEEK_HOME": str(tmp_path / "home"), "PATH": str(Path(sys.executable).parent)})
+    assert (
+        clipseek(home, "index", tmp_path / "library", "--model", "demo", "--checkpoint", weights, "-q").returncode == 0
+    )
+    moved = weights.rename(tmp_path / "elsewhere.safetensors")
+    lost = clipseek(home, "search", "a red circle")
+    assert lost.returncode == 1 and "does not exist any more" in lost.stderr and "--checkpoint" in lost.stderr
+    found = clipseek(home, "search", "a red circle", "-k", "2", "--paths", "--checkpoint", moved)
+    assert found.returncode == 0 and len(found.stdout.splitlines()) == 2
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(moved.read_bytes()[:-2] + b"  ")  # the same size, other bytes: not the index's model
+    wrong = clipseek(home, "search", "a red circle", "--checkpoint", other)
+    assert wrong.returncode == 1 and "made with" in wrong.stderr and "Traceback" not in wrong.stderr
