@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from indexer.errors import BadFileError
-from indexer.loader import decode_image, file_hash, walk
+from indexer.loader import FORMATS, decode_image, file_hash, walk
+
+HEIF = pytest.mark.skipif("HEIF" not in FORMATS, reason="pillow-heif is not installed (pip install 'clipseek[heif]')")
 
 
 def names(entries, root):
@@ -168,7 +170,9 @@ def test_hashing_a_vanished_file_says_so(tmp_path):
         file_hash(os.fsencode(tmp_path / "gone.jpg"))
 
 
-@pytest.mark.parametrize("suffix", ["jpg", "png", "webp", "gif", "bmp", "tiff", "avif"])
+@pytest.mark.parametrize(
+    "suffix", ["jpg", "png", "webp", "gif", "bmp", "tiff", "avif", pytest.param("heic", marks=HEIF)]
+)
 def test_every_supported_format_decodes(tmp_path, suffix):
     image = Image.new("RGB", (96, 64), (30, 160, 220))
     path = save(image, tmp_path / f"picture.{suffix}")
