@@ -3,7 +3,8 @@
 One warm engine serves every request (it follows the indexer's commits by itself). Requests are
 validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad query), 404
 (no such item) or 503 (model or index unavailable); work longer than the timeout is a 504; a
-body larger than the limit is refused with 413 before it is read. With a token, every route that
+body larger than the limit is a 413 (before it is read when its length is declared, as soon as
+it passes the limit when it streams). With a token, every route that
 returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
 OpenAPI description hold no data and stay open.
 """

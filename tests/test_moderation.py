@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from indexer.demo_world import LIBRARY_SIDES, SIZES, VALUES, Scene, render, write_library
+from indexer.demo_world import LIBRARY_SIDES, VALUES, Scene, render, write_library
 from indexer.errors import PolicyError, QueryError
 from indexer.pipeline import Indexer
 from search.cli import cli
@@ -43,14 +43,14 @@ POLICY_JSON = """{
   "blocklists": {"known bad": {"path": "known-bad", "threshold": 0.95, "action": "review"}}
 }"""
 
-# Chosen from a measurement on another rendering than the one tested (the grid of the `judged`
-# fixture with seed 0): the lowest red triangle scored 0.582 (large) and 0.624 (small); the
-# highest picture of another colour 0.456 (large) and 0.519 (small). The review band [0.52, 0.55)
-# sends what comes close to the block threshold to a person: a few small shapes of other colours.
+# Chosen from measurements on other renderings than the one tested (the grid of the `judged`
+# fixture with seeds 0 and 2-11): red triangles scored 0.549-0.722, pictures of other colours at
+# most 0.581, other red shapes up to 0.658 (small red stars above all). Blocking from 0.60 lets
+# almost no other shape through; the review band [0.57, 0.60) sends the close calls to a person.
 RED_TRIANGLES_SETTINGS = {
     "prompts": ["a red triangle", "a picture of a red triangle"],
-    "threshold": 0.55,
-    "review": 0.52,
+    "threshold": 0.6,
+    "review": 0.57,
 }
 RED_TRIANGLES = Policy.from_dict({"concepts": {"red triangles": RED_TRIANGLES_SETTINGS}})
 BLOCKED_SCENE = Scene("star", "purple", "large", "centre", "sand")
@@ -169,25 +169,33 @@ def judged(engine):
     return list(zip(scenes, engine.moderate_many([(image, None) for image in images], RED_TRIANGLES), strict=True))
 
 
-def test_every_red_triangle_is_blocked_and_every_other_colour_is_not(judged):
+def test_red_triangles_are_blocked_and_other_colours_allowed(judged):
     red_triangles = [verdict for scene, verdict in judged if scene.matches({"colour": "red", "shape": "triangle"})]
-    assert len(red_triangles) == 40 and all(verdict.decision == "block" for verdict in red_triangles)
-    reason = re.compile(r"red triangles: 0\.\d{3} ≥ block threshold 0\.55 \(image 0\.\d{3}\)")
-    assert all(reason.fullmatch(verdict.reasons[0]) for verdict in red_triangles)
-    other = {
-        size: [v.decision for scene, v in judged if scene.colour != "red" and scene.size == size] for size in SIZES
-    }
-    assert set(other["large"]) == {"allow"}
-    # Small shapes of other colours come closer (up to 0.541 here): none may be blocked, and the few
-    # in the review band go to a person (3 of 500 here; 14 of 6,000 over 12 renderings).
-    assert "block" not in other["small"] and other["small"].count("review") <= len(other["small"]) // 100
+    assert len(red_triangles) == 40 and "allow" not in {verdict.decision for verdict in red_triangles}
+    blocked = [verdict for verdict in red_triangles if verdict.decision == "block"]
+    assert len(blocked) >= 38  # 459 of 480 over twelve renderings; the rest go to review
+    reason = re.compile(r"red triangles: 0\.\d{3} ≥ block threshold 0\.6 \(image 0\.\d{3}\)")
+    assert all(reason.fullmatch(verdict.reasons[0]) for verdict in blocked)
+    other_colours = [verdict.decision for scene, verdict in judged if scene.colour != "red"]
+    assert len(other_colours) == 1000 and set(other_colours) == {"allow"}
+
+
+def test_other_red_shapes_are_allowed_but_for_a_few_small_stars(judged):
+    for size, most_blocked in (("large", 0), ("small", 8)):
+        shapes = [
+            verdict.decision
+            for scene, verdict in judged
+            if scene.colour == "red" and scene.shape != "triangle" and scene.size == size
+        ]
+        # Over twelve renderings: 8 of 960 large and 48 of 960 small ones blocked, mostly stars.
+        assert len(shapes) == 80 and shapes.count("block") <= most_blocked and shapes.count("allow") >= 70
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the demo model confuses red stars with red triangles (its text tower puts 'a red star' at 0.97 from "
-    "'a red triangle'): over 12 renderings of the grid, 228 of 240 large and 239 of 240 small red stars were "
-    "blocked, and some red squares, crosses and circles too. No threshold separates them.",
+    reason="the demo model still takes some small red stars (and the odd red square or cross) for red "
+    "triangles: over twelve renderings of the grid, 8 of 960 large and 48 of 960 small red shapes that are not "
+    "triangles scored above the block threshold, up to 0.658 against 0.549 for the lowest red triangle.",
 )
 def test_no_other_red_shape_is_blocked(judged):
     blocked = [scene for scene, verdict in judged if verdict.decision == "block"]
@@ -214,7 +222,7 @@ def test_text_that_comes_with_a_picture_is_fused_with_it(engine):
 def test_a_text_alone_is_judged_by_the_text(engine):
     verdict = engine.moderate(text="a red triangle", policy=RED_TRIANGLES)
     assert verdict.decision == "block" and verdict.concepts[0].image is None
-    assert verdict.reasons == ("red triangles: 1.000 ≥ block threshold 0.55 (text 1.000)",)
+    assert verdict.reasons == ("red triangles: 1.000 ≥ block threshold 0.6 (text 1.000)",)
     assert engine.moderate(text="a blue circle on water", policy=RED_TRIANGLES).decision == "allow"
     with pytest.raises(QueryError, match="nothing to moderate: give an image, a text or both"):
         engine.moderate(text=" ", policy=RED_TRIANGLES)
@@ -225,16 +233,15 @@ def test_a_text_alone_is_judged_by_the_text(engine):
 
 def test_a_reencoded_resized_copy_of_a_blocked_picture_is_blocked(tmp_path, engine, world):
     root, library, blocked = world
-    # 0.98, not the default 0.95: the demo model knows only five attributes, and a purple triangle
-    # of the library at the same place on the same ground scores 0.954 against the purple star.
-    policy = Policy.from_dict({"blocklists": {"known bad": {"path": str(root / "known-bad"), "threshold": 0.98}}})
+    # The default threshold (0.95): copies score 0.998 or more, the library's pictures at most 0.69.
+    policy = Policy.from_dict({"blocklists": {"known bad": {"path": str(root / "known-bad")}}})
     copy = tmp_path / "upload.jpg"
     with Image.open(blocked) as image:
         image.resize((round(image.width * 0.7), round(image.height * 0.7))).convert("RGB").save(copy, quality=60)
     verdict = engine.moderate(image=copy, policy=policy)
     assert verdict.decision == "block" and len(verdict.matches) == 1
     match = verdict.matches[0]
-    assert match.path == str(blocked) and match.similarity >= 0.98  # 0.9998 with the committed weights
+    assert match.path == str(blocked) and match.similarity >= 0.99  # 0.998 with the committed weights
     assert verdict.reasons == (f"looks like 'known bad' item {match.id} {blocked} ({match.similarity:.3f})",)
     others = engine.moderate_many([(picture, None) for picture in library], policy)
     assert [verdict.decision for verdict in others] == ["allow"] * len(library)
