@@ -25,7 +25,7 @@ from search import knn_service
 from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
 from search.http_context import ServerSettings, engine_of, run
-from search.http_schemas import ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
+from search.http_schemas import MAX_TEXT, ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
 from search.thumbnails import Thumbnails
 
 WEB = Path(__file__).with_name("web")
@@ -139,7 +139,7 @@ def _search_routes(api: APIRouter) -> None:
     async def search_upload(
         request: Request,
         image: Annotated[UploadFile, File(description="the query picture")],
-        text: Annotated[str | None, Form(max_length=2000, description="a text added to the picture")] = None,
+        text: Annotated[str | None, Form(max_length=MAX_TEXT, description="a text added to the picture")] = None,
         modality: Annotated[str, Form(pattern="^(image|text)$")] = "image",
         k: Annotated[int, Form(ge=1)] = 10,
         offset: Annotated[int, Form(ge=0, le=100_000)] = 0,

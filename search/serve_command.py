@@ -12,7 +12,7 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
 def _bytes(text: str) -> int:
-    match = re.fullmatch(r"\s*([0-9]+)\s*([KMG]?)i?B?\s*", text.upper())
+    match = re.fullmatch(r"\s*([0-9]+)\s*([KMG]?)I?B?\s*", text.upper())
     if not match:
         raise click.BadParameter(f"{text!r} is not a size (for example 20M)")
     return int(match.group(1)) * _UNITS[match.group(2)]
