@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from indexer.errors import QueryError
+from indexer.errors import ItemNotFoundError, QueryError
 from search.engine import MAX_K
 from search.engine import Query as EngineQuery
 from search.http_context import engine_of, run
@@ -95,8 +95,13 @@ async def metadata(request: Request) -> list[dict[str, Any]]:
     """The metadata of stored items by id (unknown ids are left out)."""
     body = await _body(request, MetadataRequest)
     _check_index(request, body.indice_name)
-    known = await run(request, engine_of(request).store.catalog.items_by_id, body.ids)
-    return [{"id": item_id, "metadata": await _metadata(request, item_id)} for item_id in body.ids if item_id in known]
+    found = []
+    for item_id in body.ids:
+        try:
+            found.append({"id": item_id, "metadata": await _metadata(request, item_id)})
+        except ItemNotFoundError:
+            continue
+    return found
 
 
 async def _query(request: Request, body: KnnRequest) -> EngineQuery:
