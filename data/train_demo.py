@@ -1,8 +1,10 @@
 """The recipe that trains the bundled demo CLIP (data/demo.json → data/demo.safetensors).
 
     .venv/bin/python data/train_demo.py --out stage1.safetensors      # stage 1 (about 40 min on 2 cores)
-    .venv/bin/python data/train_demo.py --init stage1.safetensors --steps 1600 --lr 5e-4 --seed 1
-                                                                      # stage 2 (about 27 min): the weights
+    .venv/bin/python data/train_demo.py --init stage1.safetensors --steps 1600 --lr 5e-4 --seed 1 \
+        --out stage2.safetensors                                      # stage 2 (about 27 min)
+    .venv/bin/python data/train_demo.py --init stage2.safetensors --steps 1600 --lr 3e-4 --seed 2
+                                                                      # stage 3 (about 27 min): the weights
     .venv/bin/python data/train_demo.py --eval-only                   # evaluate the committed weights
 
 Deterministic: the model is initialised from a fixed seed and every step's batch is drawn from
@@ -17,12 +19,12 @@ shape and, 60% of the time, every other attribute, else a random subset ("a red 
 Because a partial caption is true of many pictures in a batch, the contrastive loss takes every
 picture a caption is true of as a positive (uniform soft targets). The vision tower has fixed
 2-D sin-cos position embeddings. AdamW (lr 1e-3), 2,200 steps of batch 128, linear warm-up then
-cosine decay; then a warm restart from those weights: 1,600 steps at lr 5e-4 on batches drawn
-with another seed. Weights saved as float16.
+cosine decay; then two warm restarts, each from the last weights on batches drawn with another
+seed: 1,600 steps at lr 5e-4 (seed 1), then 1,600 at lr 3e-4 (seed 2). Weights saved as float16.
 
 Stage 1 alone left the text tower blind to position words ("on the left" and "on the right"
-embedded alike) and confused stars with triangles; stage 2 taught it both (held-out R@1, all
-five attributes: 0.458 after stage 1, 0.904 after stage 2).
+embedded alike) and confused stars with triangles; the restarts taught it both (held-out R@1,
+all five attributes: 0.458 after stage 1, 0.904 after stage 2, 1.000 after stage 3).
 """
 
 from __future__ import annotations

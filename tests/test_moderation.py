@@ -44,13 +44,13 @@ POLICY_JSON = """{
 }"""
 
 # Chosen from measurements on other renderings than the one tested (the grid of the `judged`
-# fixture with seeds 0 and 2-11): red triangles scored 0.549-0.722, pictures of other colours at
-# most 0.581, other red shapes up to 0.658 (small red stars above all). Blocking from 0.60 lets
-# almost no other shape through; the review band [0.57, 0.60) sends the close calls to a person.
+# fixture with seeds 0 and 2-11): red triangles scored 0.535-0.700, pictures of other colours at
+# most 0.571, other red shapes up to 0.635 (small red stars above all). Blocking from 0.60 lets
+# almost no other shape through; the review band [0.56, 0.60) sends the close calls to a person.
 RED_TRIANGLES_SETTINGS = {
     "prompts": ["a red triangle", "a picture of a red triangle"],
     "threshold": 0.6,
-    "review": 0.57,
+    "review": 0.56,
 }
 RED_TRIANGLES = Policy.from_dict({"concepts": {"red triangles": RED_TRIANGLES_SETTINGS}})
 BLOCKED_SCENE = Scene("star", "purple", "large", "centre", "sand")
@@ -173,7 +173,7 @@ def test_red_triangles_are_blocked_and_other_colours_allowed(judged):
     red_triangles = [verdict for scene, verdict in judged if scene.matches({"colour": "red", "shape": "triangle"})]
     assert len(red_triangles) == 40 and "allow" not in {verdict.decision for verdict in red_triangles}
     blocked = [verdict for verdict in red_triangles if verdict.decision == "block"]
-    assert len(blocked) >= 38  # 459 of 480 over twelve renderings; the rest go to review
+    assert len(blocked) >= 36  # 37 here, 468 of 480 over twelve renderings; the rest go to review
     reason = re.compile(r"red triangles: 0\.\d{3} ≥ block threshold 0\.6 \(image 0\.\d{3}\)")
     assert all(reason.fullmatch(verdict.reasons[0]) for verdict in blocked)
     other_colours = [verdict.decision for scene, verdict in judged if scene.colour != "red"]
@@ -181,21 +181,21 @@ def test_red_triangles_are_blocked_and_other_colours_allowed(judged):
 
 
 def test_other_red_shapes_are_allowed_but_for_a_few_small_stars(judged):
-    for size, most_blocked in (("large", 0), ("small", 8)):
+    for size, most_blocked in (("large", 0), ("small", 2)):
         shapes = [
             verdict.decision
             for scene, verdict in judged
             if scene.colour == "red" and scene.shape != "triangle" and scene.size == size
         ]
-        # Over twelve renderings: 8 of 960 large and 48 of 960 small ones blocked, mostly stars.
-        assert len(shapes) == 80 and shapes.count("block") <= most_blocked and shapes.count("allow") >= 70
+        # Over twelve renderings: 4 of 960 large and 4 of 960 small ones blocked, 41 reviewed.
+        assert len(shapes) == 80 and shapes.count("block") <= most_blocked and shapes.count("allow") >= 74
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the demo model still takes some small red stars (and the odd red square or cross) for red "
-    "triangles: over twelve renderings of the grid, 8 of 960 large and 48 of 960 small red shapes that are not "
-    "triangles scored above the block threshold, up to 0.658 against 0.549 for the lowest red triangle.",
+    reason="the demo model still takes the odd small red star for a red triangle: over twelve renderings of the "
+    "grid, 4 of 960 large and 4 of 960 small red shapes that are not triangles scored above the block threshold "
+    "(up to 0.635), and on the tested rendering one small red star scores 0.619.",
 )
 def test_no_other_red_shape_is_blocked(judged):
     blocked = [scene for scene, verdict in judged if verdict.decision == "block"]
@@ -233,7 +233,7 @@ def test_a_text_alone_is_judged_by_the_text(engine):
 
 def test_a_reencoded_resized_copy_of_a_blocked_picture_is_blocked(tmp_path, engine, world):
     root, library, blocked = world
-    # The default threshold (0.95): copies score 0.998 or more, the library's pictures at most 0.69.
+    # The default threshold (0.95): copies score 0.998 or more, the library's pictures at most 0.67.
     policy = Policy.from_dict({"blocklists": {"known bad": {"path": str(root / "known-bad")}}})
     copy = tmp_path / "upload.jpg"
     with Image.open(blocked) as image:
