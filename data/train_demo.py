@@ -145,6 +145,27 @@ def evaluate(checkpoint: Path) -> None:
     recall = world.held_out_recall(encoder.embed_images, encoder.embed_texts)
     for name, value in recall.items():
         print(f"text→image R@1, {name}: {value:.3f}")
+    for attribute, accuracy in zero_shot(encoder).items():
+        print(f"zero-shot {attribute}: {accuracy:.2f} (chance {1 / len(world.VALUES[attribute]):.2f})")
+    left, right = encoder.embed_texts(["a red circle on the left", "a red circle on the right"])
+    print(f"cosine of 'a red circle on the left' and '… on the right': {left @ right:.2f}")
+
+
+def zero_shot(encoder, count: int = 500, seed: int = 11) -> dict[str, float]:
+    """Per attribute: how often a picture's best caption, among captions that differ only in that
+    attribute, names the right value (held-out pictures, not the ones R@1 is measured on)."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.random_scene(rng) for _ in range(count)]
+    pictures = encoder.embed_images([world.render(s, int(rng.choice(world.LIBRARY_SIDES)), rng) for s in scenes])
+    accuracy = {}
+    for attribute in world.ATTRIBUTES:
+        values = world.VALUES[attribute]
+        right = 0
+        for scene, picture in zip(scenes, pictures, strict=True):
+            texts = [world.caption(dataclasses.replace(scene, **{attribute: value})) for value in values]
+            right += values[int(np.argmax(encoder.embed_texts(texts) @ picture))] == getattr(scene, attribute)
+        accuracy[attribute] = right / count
+    return accuracy
 
 
 def main() -> None:

@@ -11,13 +11,14 @@ import json
 import platform
 import time
 
-from tests.bench import encoder_bench, indexer_bench, server_bench
+from tests.bench import encoder_bench, indexer_bench, moderation_bench, server_bench
 
 SECTIONS = {
     "encoder": encoder_bench.run,
     "indexing": indexer_bench.end_to_end,
     "rescan": indexer_bench.rescan,
     "server": server_bench.run,
+    "moderation": moderation_bench.run,
 }
 
 
