@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from indexer.config import index_dir
 from indexer.errors import BadFileError, ItemNotFoundError, QueryError
 from indexer.loader import decode_image, to_rgb
 from indexer.store import MODALITIES, Filters, Store
+from search.recent import Recent
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -123,8 +123,7 @@ class SearchEngine:
         self._checkpoint = checkpoint
         self._encoder: Encoder | None = None
         self._lock = threading.Lock()
-        self._prompts: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()  # least recently used first
-        self._prompts_lock = threading.Lock()  # not self._lock: embedding needs self.encoder, which takes it
+        self._prompts = Recent(PROMPT_CACHE)  # its own lock, not self._lock: embedding takes that one
 
     @classmethod
     def open(cls, index: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None) -> SearchEngine:
@@ -301,16 +300,11 @@ class SearchEngine:
 
     def embed_prompts(self, prompts: tuple[str, ...]) -> np.ndarray:
         """Text embeddings of a set of prompts, kept for the next call: a policy is reused for every upload."""
-        with self._prompts_lock:
-            if prompts in self._prompts:
-                self._prompts.move_to_end(prompts)
-                return self._prompts[prompts]
-        vectors = self.encoder.embed_texts(list(prompts))  # outside the lock: other policies need not wait
-        vectors.flags.writeable = False  # shared by every caller from now on
-        with self._prompts_lock:
-            self._prompts[prompts] = vectors
-            while len(self._prompts) > PROMPT_CACHE:
-                self._prompts.popitem(last=False)
+        vectors = self._prompts.get(prompts)
+        if vectors is None:
+            vectors = self.encoder.embed_texts(list(prompts))  # outside any lock: other policies need not wait
+            vectors.flags.writeable = False  # shared by every caller from now on
+            self._prompts.put(prompts, vectors)
         return vectors
 
     def moderate(self, image: Any = None, text: str | None = None, *, policy: Policy) -> Verdict:

@@ -26,7 +26,7 @@ from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
 from search.http_context import ServerSettings, engine_of, run
 from search.http_schemas import MAX_TEXT, ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
-from search.thumbnails import Thumbnails
+from search.thumbnails import SIZES, Thumbnails
 
 WEB = Path(__file__).with_name("web")
 
@@ -168,7 +168,7 @@ def _item_routes(api: APIRouter) -> None:
         return await run(request, engine_of(request).item, _item_id(item_id))
 
     @api.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response)
-    async def thumbnail(request: Request, item_id: str, size: Annotated[int, Query(ge=64, le=1024)] = 256):
+    async def thumbnail(request: Request, item_id: str, size: Annotated[int, Query(ge=SIZES[0], le=SIZES[1])] = 256):
         """A JPEG preview of a stored picture, at most `size` pixels on its long side."""
         path = await run(request, engine_of(request).image_file, _item_id(item_id))
         data = await run(request, request.app.state.thumbnails.jpeg, path, size)

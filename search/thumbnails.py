@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 from indexer.errors import BadFileError, QueryError
 from indexer.loader import decode_image
+from search.recent import Recent
 
 SIZES = (64, 1024)  # the smallest and largest preview side served
 _CACHED = 512  # previews kept in memory: a few pages of results, about 10 MB at 256 px
@@ -19,9 +18,7 @@ class Thumbnails:
     """Makes previews on demand and keeps the recent ones; safe to share between threads."""
 
     def __init__(self, capacity: int = _CACHED):
-        self._capacity = capacity
-        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = Recent(capacity)
 
     def jpeg(self, path: Path, side: int = 256) -> bytes:
         """A JPEG at most `side` pixels on its long side; QueryError when the picture cannot be read."""
@@ -33,10 +30,9 @@ class Thumbnails:
             raise QueryError(f"the picture is no longer on disk: {path}") from error
         # The file's size and time are in the key, so an edited picture gets a new preview.
         key = (os.fspath(path), stat.st_size, stat.st_mtime_ns, side)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         try:
             image = decode_image(os.fsencode(path), side).image
         except BadFileError as error:
@@ -45,8 +41,5 @@ class Thumbnails:
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)
         data = out.getvalue()
-        with self._lock:
-            self._cache[key] = data
-            while len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
+        self._cache.put(key, data)
         return data
