@@ -1,0 +1,69 @@
+"""A CLIP model's image preprocessing in PIL and numpy: open_clip's transform without torch.
+
+    preprocess = Preprocess(size=(224, 224), mean=..., std=...)
+    pixels = preprocess(image)    # (3, 224, 224) float32, as open_clip's transform gives
+
+The steps are torchvision's, on the same PIL calls, so the numbers are the same: resize the
+shorter side to the model's size (or squash to it), crop the centre, scale to [0, 1], normalise
+per channel. tests/test_pixels.py holds it to open_clip's transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["INTERPOLATIONS", "RESIZE_MODES", "Preprocess"]
+
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" pads instead of cropping: not ported
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS or self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unsupported preprocessing: {self.interpolation}, {self.resize_mode}")
+        if self.resize_mode == "shortest" and self.size[0] != self.size[1]:
+            raise ValueError(f"cropping to a non-square size {self.size} is not ported")
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        height, width = self.size
+        if self.resize_mode == "squash":
+            image = image.resize((width, height), INTERPOLATIONS[self.interpolation])
+        else:
+            image = self._crop(image.resize(self._shortest(image.size), INTERPOLATIONS[self.interpolation]))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
+        pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def _shortest(self, size: tuple[int, int]) -> tuple[int, int]:
+        # torchvision's Resize(int): the shorter side becomes the size, the longer keeps the ratio (rounded down)
+        width, height = size
+        side = self.size[0]
+        if width <= height:
+            return side, int(side * height / width)
+        return int(side * width / height), side
+
+    def _crop(self, image: Image.Image) -> Image.Image:
+        # torchvision's CenterCrop: the offsets are rounded, half to even
+        width, height = image.size
+        top, left = round((height - self.size[0]) / 2), round((width - self.size[1]) / 2)
+        return image.crop((left, top, left + self.size[1], top + self.size[0]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
