@@ -1,4 +1,4 @@
-"""Where indexes live, and the settings of an indexing run.
+"""Where indexes and caches live, and the settings of an indexing run.
 
 Indexes live in the data directory: `$CLIPSEEK_HOME`, else `$XDG_DATA_HOME/clipseek`, else
 `~/.local/share/clipseek`; each named index is a folder under `indexes/` there. A path (anything
@@ -19,6 +19,14 @@ def data_home() -> Path:
         return Path(os.environ["CLIPSEEK_HOME"]).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(xdg) / "clipseek"
+
+
+def cache_home() -> Path:
+    """Where files derived from models live, shared by every index (their ONNX exports):
+    `$CLIPSEEK_CACHE`, else `$XDG_CACHE_HOME/clipseek`, else `~/.cache/clipseek`."""
+    if os.environ.get("CLIPSEEK_CACHE"):
+        return Path(os.environ["CLIPSEEK_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipseek"
 
 
 def index_dir(index: str | os.PathLike | None = None) -> Path:

@@ -281,20 +281,31 @@ class Encoder:
         return out
 
     def _encode_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
-        # The text tower's forward (open_clip's CLIP.encode_text / TextTransformer.forward) on
-        # the first n positions only, n = one past the last pooled token of the batch.
         tower, pool = self._trim
-        eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
-        ends = tokens.argmax(-1) if pool == "argmax" else (tokens == eos_id).int().argmax(-1)
-        n = int(ends.max()) + 1
-        tokens = tokens[:, :n]
-        cast = tower.transformer.get_cast_dtype()
-        x = tower.token_embedding(tokens).to(cast) + tower.positional_embedding[:n].to(cast)
-        x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
-        x = text_global_pool(tower.ln_final(x), tokens, pool, eos_token_id=eos_id)
-        projection = tower.text_projection
-        if isinstance(projection, torch.nn.Linear):
-            x = projection(x)
-        elif projection is not None:
-            x = x @ projection
-        return torch.nn.functional.normalize(x, dim=-1)
+        ends = tokens.argmax(-1) if pool == "argmax" else (tokens == eos_id(tower)).int().argmax(-1)
+        return text_forward(tower, pool, tokens[:, : int(ends.max()) + 1])
+
+    @property
+    def text_pooling(self) -> tuple[torch.nn.Module, str] | None:
+        """The text tower and its pooling ("argmax" or "eos") where trimming is exact, else None."""
+        return self._trim
+
+
+def eos_id(tower: torch.nn.Module) -> int | None:
+    return getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+
+
+def text_forward(tower: torch.nn.Module, pool: str, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's text forward (CLIP.encode_text / TextTransformer.forward) on tokens cut to any
+    length n: position embeddings and the causal mask are cut to n too. The ONNX export traces it."""
+    n = tokens.shape[1]
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast) + tower.positional_embedding[:n].to(cast)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+    x = text_global_pool(tower.ln_final(x), tokens, pool, eos_token_id=eos_id(tower))
+    projection = tower.text_projection
+    if isinstance(projection, torch.nn.Linear):
+        x = projection(x)
+    elif projection is not None:
+        x = x @ projection
+    return torch.nn.functional.normalize(x, dim=-1)

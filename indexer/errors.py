@@ -13,6 +13,8 @@
         └── ModelMismatchError   it was made with another model
 
 Library code raises these; only the CLI and HTTP edges turn them into messages and exit codes.
+What clipseek works around but a user should know of (a damaged model export made again) is a
+ClipseekWarning, shown by the CLI as a one-line warning.
 """
 
 
@@ -58,3 +60,7 @@ class ItemNotFoundError(QueryError):
 
 class PolicyError(ClipseekError):
     """A moderation policy is unreadable or malformed; the message names the field and the fix."""
+
+
+class ClipseekWarning(UserWarning):
+    """Something clipseek worked around that the user should hear of; the message says what happened."""

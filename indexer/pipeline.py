@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from indexer import backend
 from indexer.captions import read_captions
 from indexer.config import IndexSettings, index_dir
 from indexer.errors import BadFileError, ClipseekError, ModelError
@@ -31,6 +32,7 @@ from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
 if TYPE_CHECKING:
     from indexer.encoder import Encoder
+    from indexer.onnx_encoder import OnnxEncoder
 
 
 @dataclass
@@ -80,10 +82,12 @@ class Indexer:
     embedded, so a rescan of an unchanged library never loads torch.
     """
 
-    def __init__(self, store: Store, encoder: Callable[[], Encoder], settings: IndexSettings | None = None):
+    def __init__(
+        self, store: Store, encoder: Callable[[], Encoder | OnnxEncoder], settings: IndexSettings | None = None
+    ):
         self.store = store
         self._load_encoder = encoder
-        self._encoder: Encoder | None = None
+        self._encoder: Encoder | OnnxEncoder | None = None
         self._encoder_lock = threading.Lock()  # decoding workers may be the first to need it
         self.settings = settings or IndexSettings()
 
@@ -111,7 +115,8 @@ class Indexer:
 
                 encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, download=download)
                 store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
-                return cls(store, lambda: encoder, settings)
+                embedder = backend.load(encoder.model_id, lambda: encoder)  # the ONNX export is made now
+                return cls(store, lambda: embedder, settings)
             for asked, has in ((model, stored.architecture), (pretrained, stored.pretrained)):
                 if asked is not None and asked != has:
                     raise store.mismatch(asked)
@@ -133,7 +138,7 @@ class Indexer:
         self.close()
 
     @property
-    def encoder(self) -> Encoder:
+    def encoder(self) -> Encoder | OnnxEncoder:
         with self._encoder_lock:
             if self._encoder is None:
                 self._encoder = self._load_encoder()
@@ -217,27 +222,36 @@ class Indexer:
         return report
 
 
-def encoder_for(store: Store, checkpoint: str | os.PathLike | None = None, download: bool = False) -> Encoder:
-    """Load the model an index was made with, and check that it is that model.
+def encoder_for(
+    store: Store, checkpoint: str | os.PathLike | None = None, download: bool = False
+) -> Encoder | OnnxEncoder:
+    """The model an index was made with: its ONNX export where there is one (indexer.backend), else torch.
 
-    Weights come from the checkpoint path the index recorded (unless `checkpoint` says where
-    the file is now), else by architecture and tag (the bundled demo model included).
+    Torch takes the weights from the checkpoint path the index recorded (unless `checkpoint`
+    says where the file is now), else by architecture and tag (the bundled demo model included),
+    and checks that they are the index's model.
     """
-    from indexer.encoder import load_encoder  # torch: only where a model is needed
-
     stored = store.model_id
     if stored is None:
         raise ClipseekError(f"the index at {store.root} has no model yet: index something into it first")
-    source = checkpoint or store.model_checkpoint
-    if source is not None and not os.path.isfile(source):
-        raise ModelError(
-            f"the weights of the index's model ({stored}) were at {source}, which does not exist "
-            "any more: put the file back, or say where it is now (--checkpoint)"
-        )
-    encoder = load_encoder(stored.architecture, stored.pretrained, source, download=download)
-    if encoder.model_id != stored:
-        raise store.mismatch(encoder.model_id)
-    return encoder
+    if checkpoint is not None and stored.checkpoint_sha256 and sha256_file(checkpoint) != stored.checkpoint_sha256:
+        raise store.mismatch(checkpoint)
+
+    def load_torch() -> Encoder:
+        from indexer.encoder import load_encoder  # torch: only where a model is needed
+
+        source = checkpoint or store.model_checkpoint
+        if source is not None and not os.path.isfile(source):
+            raise ModelError(
+                f"the weights of the index's model ({stored}) were at {source}, which does not exist "
+                "any more: put the file back, or say where it is now (--checkpoint)"
+            )
+        encoder = load_encoder(stored.architecture, stored.pretrained, source, download=download)
+        if encoder.model_id != stored:
+            raise store.mismatch(encoder.model_id)
+        return encoder
+
+    return backend.load(stored, load_torch)
 
 
 class _Run:

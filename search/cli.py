@@ -7,12 +7,14 @@ messages and progress to stderr.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
-from indexer.errors import ClipseekError
+from indexer.errors import ClipseekError, ClipseekWarning
 from search import index_commands, query_commands, serve_command
 
 
@@ -20,16 +22,38 @@ class _Group(click.Group):
     """Turns clipseek's own errors into a one-line message and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context):
+        default = warnings.showwarning
+        warnings.showwarning = _show_warning(default)
         try:
             return super().invoke(ctx)
         except ClipseekError as error:
             raise click.ClickException(str(error)) from error
+        finally:
+            warnings.showwarning = default
+
+
+def _show_warning(default):
+    """clipseek's own warnings as one line on stderr, like its errors; others as Python shows them."""
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, ClipseekWarning):
+            click.echo(f"Warning: {message}", err=True)
+        else:
+            default(message, category, *args, **kwargs)
+
+    return show
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="clipseek", prog_name="clipseek")
 def cli() -> None:
     """Search photo libraries and caption collections with CLIP."""
+    # The library's notes on slow one-time work (exporting a model to ONNX) go to stderr as they are.
+    logger = logging.getLogger("clipseek")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler(sys.stderr))
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 for command in (

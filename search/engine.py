@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from indexer.encoder import Encoder
+    from indexer.onnx_encoder import OnnxEncoder
     from search.moderation import Policy, Verdict
 
 __all__ = ["MAX_K", "Hit", "Query", "SearchEngine"]
@@ -121,7 +122,7 @@ class SearchEngine:
     def __init__(self, store: Store, checkpoint: str | os.PathLike | None = None):
         self.store = store
         self._checkpoint = checkpoint
-        self._encoder: Encoder | None = None
+        self._encoder: Encoder | OnnxEncoder | None = None
         self._lock = threading.Lock()
         self._prompts = Recent(PROMPT_CACHE)  # its own lock, not self._lock: embedding takes that one
 
@@ -140,7 +141,7 @@ class SearchEngine:
         self.close()
 
     @property
-    def encoder(self) -> Encoder:
+    def encoder(self) -> Encoder | OnnxEncoder:
         """The index's own model, loaded on first use."""
         with self._lock:
             if self._encoder is None:

@@ -117,19 +117,23 @@ def add_captions(file, collection, file_format, index, model, pretrained, checkp
 @json_option
 def status(index, list_failures, as_json):
     """What the index holds: items per modality and collection, failures, model, sizes."""
+    from indexer import backend
     from indexer.config import index_dir
     from indexer.store import Store
 
     with Store.open(index_dir(index)) as store:
         state = store.status()
         failures = store.catalog.failure_list() if list_failures or as_json else []
+    runtime = backend.describe(state.model) if state.model else "none yet"
     if as_json:
         document = asdict(state)
         document["model"] = state.model.to_dict() if state.model else None
+        document["runtime"] = runtime
         document["failure_list"] = [{"path": path, "reason": reason} for path, reason in failures]
         click.echo(json.dumps(document, indent=2))
         return
-    rows = [("index", state.path), ("model", str(state.model or "none yet")), ("search", state.index_type)]
+    rows = [("index", state.path), ("model", str(state.model or "none yet")), ("embeds", runtime)]
+    rows.append(("search", state.index_type))
     for number, (modality, collection, count) in enumerate(state.counts):
         label = f"{count} {modality}s" + (f" in collection '{collection}'" if collection else "")
         rows.append(("items" if number == 0 else "", label))

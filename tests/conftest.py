@@ -19,3 +19,14 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """One model cache for the whole run (CLI subprocesses included): each model is exported to ONNX once."""
+    import os
+
+    folder = tmp_path_factory.mktemp("model-cache")
+    os.environ["CLIPSEEK_CACHE"] = str(folder)
+    yield folder
+    del os.environ["CLIPSEEK_CACHE"]

@@ -85,10 +85,13 @@ def test_a_second_writer_fails_fast_naming_the_first(tmp_path, home):
     first = subprocess.Popen([CLIPSEEK, "index", tmp_path / "library", "--model", "demo", "-q"], stderr=subprocess.PIPE)
     try:
         while item_count(index) == 0 and first.poll() is None:
-            time.sleep(0.05)
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # held mid-run, however fast it would finish
+        assert first.poll() is None and item_count(index) < 300
         second = clipseek("index", tmp_path / "library", check=False)
         assert second.returncode == 1 and f"being written by process {first.pid}" in second.stderr
     finally:
+        first.send_signal(signal.SIGCONT)
         first.wait(timeout=300)
 
 

@@ -1,6 +1,7 @@
 """The query commands as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,11 @@ CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
 def home(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-search")
     write_library(root / "library", count=40, seed=8)
-    env = {"CLIPSEEK_HOME": str(root / "home"), "PATH": str(Path(sys.executable).parent)}
+    env = {
+        "CLIPSEEK_HOME": str(root / "home"),
+        "CLIPSEEK_CACHE": os.environ["CLIPSEEK_CACHE"],
+        "PATH": str(Path(sys.executable).parent),
+    }
     subprocess.run([CLIPSEEK, "index", root / "library", "--model", "demo", "-q"], env=env, check=True)
     captions = ["add-captions", root / "library" / "captions.jsonl", "--collection", "demo"]
     subprocess.run([CLIPSEEK, *captions], env=env, check=True, capture_output=True)
@@ -104,15 +109,25 @@ def test_moved_weights_are_named_with_checkpoint(tmp_path):
     weights = tmp_path / "weights.safetensors"
     weights.write_bytes(demo_checkpoint().read_bytes())
     write_library(tmp_path / "library", count=4, seed=2)
-    home = (tmp_path, {"CLIPSEEK_HOME": str(tmp_path / "home"), "PATH": str(Path(sys.executable).parent)})
+    home = (
+        tmp_path,
+        {
+            "CLIPSEEK_HOME": str(tmp_path / "home"),
+            "CLIPSEEK_CACHE": os.environ["CLIPSEEK_CACHE"],
+            "PATH": str(Path(sys.executable).parent),
+        },
+    )
     assert (
         clipseek(home, "index", tmp_path / "library", "--model", "demo", "--checkpoint", weights, "-q").returncode == 0
     )
     moved = weights.rename(tmp_path / "elsewhere.safetensors")
-    lost = clipseek(home, "search", "a red circle")
+    exported = clipseek(home, "search", "a red circle", "-k", "2", "--paths")  # the ONNX export needs no weights
+    assert exported.returncode == 0 and len(exported.stdout.splitlines()) == 2
+    torch_path = (tmp_path, {**home[1], "CLIPSEEK_BACKEND": "torch"})
+    lost = clipseek(torch_path, "search", "a red circle")
     assert lost.returncode == 1 and "does not exist any more" in lost.stderr and "--checkpoint" in lost.stderr
-    found = clipseek(home, "search", "a red circle", "-k", "2", "--paths", "--checkpoint", moved)
-    assert found.returncode == 0 and len(found.stdout.splitlines()) == 2
+    found = clipseek(torch_path, "search", "a red circle", "-k", "2", "--paths", "--checkpoint", moved)
+    assert found.returncode == 0 and found.stdout == exported.stdout
     other = tmp_path / "other.safetensors"
     other.write_bytes(moved.read_bytes()[:-2] + b"  ")  # the same size, other bytes: not the index's model
     wrong = clipseek(home, "search", "a red circle", "--checkpoint", other)

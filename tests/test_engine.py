@@ -136,7 +136,7 @@ def test_bad_queries_are_clear_errors(engine, query, options, message):
         engine.search(query, **options)
 
 
-def test_missing_index_and_unloadable_model(tmp_path):
+def test_missing_index_and_unloadable_model(tmp_path, monkeypatch):
     with pytest.raises(IndexNotFoundError, match="no index at"):
         SearchEngine.open(tmp_path / "nowhere")
     from indexer.models import demo_checkpoint
@@ -147,6 +147,9 @@ def test_missing_index_and_unloadable_model(tmp_path):
     with Indexer.open(tmp_path / "index", model="demo", checkpoint=checkpoint) as indexer:
         indexer.index([tmp_path / "library"])
     checkpoint.unlink()
+    with SearchEngine.open(tmp_path / "index") as engine:
+        assert len(engine.search("a red circle", k=2)) == 2  # through the ONNX export, which needs no weights
+    monkeypatch.setenv("CLIPSEEK_BACKEND", "torch")
     with SearchEngine.open(tmp_path / "index") as engine, pytest.raises(ModelError, match="does not exist any more"):
         engine.search("a red circle")
 

@@ -1,0 +1,148 @@
+"""Which runtime embeds for an index: ONNX Runtime from the model's export, else torch.
+
+    encoder = backend.load(model_id, load_torch)   # an OnnxEncoder, or load_torch()'s Encoder
+
+The export of a model lives in the model cache (config.cache_home()/models/), under a name
+derived from its ModelId, so every index of the same model shares it. `auto` (the default, or
+CLIPSEEK_BACKEND=auto) uses the export and makes it on first need where there is none: that
+costs one torch load and a few seconds to a minute, once. A model that cannot be exported is
+remembered with the reason (until torch or open_clip change) and embeds with torch. A damaged
+export, or one of another model, is made again with a warning. CLIPSEEK_BACKEND=torch never
+uses an export; CLIPSEEK_BACKEND=onnx fails rather than fall back to torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from importlib import metadata, util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from indexer.config import cache_home
+from indexer.errors import ClipseekWarning, ModelError
+from indexer.models import ModelId
+from indexer.onnx_encoder import ExportBrokenError, OnnxEncoder, read_manifest
+
+if TYPE_CHECKING:
+    from indexer.encoder import Encoder
+
+__all__ = ["BACKENDS", "chosen", "describe", "export_dir", "load"]
+
+log = logging.getLogger("clipseek")
+
+BACKENDS = ("auto", "onnx", "torch")
+
+
+def chosen() -> str:
+    backend = os.environ.get("CLIPSEEK_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ModelError(f"CLIPSEEK_BACKEND must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    return backend
+
+
+def export_dir(model_id: ModelId) -> Path:
+    """The folder of a model's ONNX export in the model cache."""
+    key = hashlib.sha256(json.dumps(model_id.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id.architecture)
+    return cache_home() / "models" / f"{safe}-{key}"
+
+
+def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | None = None) -> Encoder | OnnxEncoder:
+    """An encoder for `model_id`: its export through ONNX Runtime where there is (or can be) one, else torch.
+
+    `load_torch` loads the model with torch; it is called only to make the export or to embed.
+    """
+    backend = backend or chosen()
+    if backend == "torch":
+        return load_torch()
+    folder = export_dir(model_id)
+    torch_encoder: list[Encoder] = []  # loaded at most once
+
+    def with_torch() -> Encoder:
+        if not torch_encoder:
+            torch_encoder.append(load_torch())
+        return torch_encoder[0]
+
+    def rebuild(error: ExportBrokenError) -> None:
+        warnings.warn(f"{error}; exporting it again", ClipseekWarning, stacklevel=2)
+        _export(with_torch(), folder)
+
+    rebuild_if_possible = rebuild if util.find_spec("torch") else None
+    refused = _refusal(folder)
+    if refused is not None:
+        if backend == "onnx":
+            raise ModelError(f"{model_id} has no ONNX path: {refused}")
+        return with_torch()
+    try:
+        return OnnxEncoder(folder, model_id, rebuild_if_possible)
+    except ExportBrokenError as error:
+        if rebuild_if_possible is None:
+            raise ModelError(f"{error}, and torch is not installed to export it again") from None
+        if folder.exists():
+            warnings.warn(f"{error}; exporting it again", ClipseekWarning, stacklevel=2)
+    from indexer.onnx_export import NotExportableError
+
+    try:
+        _export(with_torch(), folder)
+    except NotExportableError as error:
+        _refuse(folder, str(error))
+        if backend == "onnx":
+            raise
+        return with_torch()
+    return OnnxEncoder(folder, model_id, rebuild_if_possible)
+
+
+def _export(encoder: Encoder, folder: Path) -> None:
+    from indexer.onnx_export import export
+
+    log.info(f"exporting {encoder.model_id} to ONNX, once, for fast queries without torch ({folder})")
+    export(encoder, folder)
+    _refusal_file(folder).unlink(missing_ok=True)
+
+
+def describe(model_id: ModelId) -> str:
+    """Which runtime embeds for this model, and why: for `clipseek status`."""
+    backend = chosen()
+    if backend == "torch":
+        return "torch (CLIPSEEK_BACKEND=torch)"
+    folder = export_dir(model_id)
+    refused = _refusal(folder)
+    if refused is not None:
+        return f"torch: {refused}"
+    try:
+        manifest = read_manifest(folder)
+    except ExportBrokenError:
+        return "ONNX Runtime, once the first query exports the model (one torch load)"
+    if manifest.get("model") != model_id.to_dict():
+        return f"ONNX Runtime, once the export at {folder} (of another model) is made again"
+    return f"ONNX Runtime ({folder})"
+
+
+# -- models that cannot be exported -------------------------------------------------------
+
+
+def _refusal_file(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".not-exportable.json")
+
+
+def _versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in ("torch", "open_clip_torch")}
+
+
+def _refusal(folder: Path) -> str | None:
+    """Why this model could not be exported, if that was tried with the torch and open_clip installed now."""
+    try:
+        record = json.loads(_refusal_file(folder).read_text(encoding="utf-8"))
+        return record["reason"] if record["versions"] == _versions() else None
+    except (OSError, ValueError, KeyError, TypeError, metadata.PackageNotFoundError):
+        return None
+
+
+def _refuse(folder: Path, reason: str) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _refusal_file(folder).write_text(json.dumps({"reason": reason, "versions": _versions()}), encoding="utf-8")

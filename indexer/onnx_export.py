@@ -1,0 +1,184 @@
+"""Export a loaded model's two towers to ONNX, for the query path without torch (indexer/onnx_encoder.py).
+
+    export(load_encoder("ViT-B-32"), folder)   # about 20 s for ViT-B-32, once per model
+
+The text tower is exported on token sequences of any length, so queries embed only their real
+tokens, as the torch path does (where the tower allows it: see Encoder.text_pooling). Before the
+export is put in place, ONNX Runtime must reproduce torch's vectors for a probe text and a
+probe picture; its tokenizer and preprocessing must reproduce open_clip's. A model that cannot
+be exported (another tokenizer, another kind of preprocessing, an operator the exporter lacks)
+raises NotExportableError with the reason, and keeps the torch path.
+
+Besides indexer/encoder.py, this is the one module that imports torch and open_clip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip import tokenizer as clip_tokenizer
+from torch.export import Dim
+
+from indexer.encoder import Encoder, eos_id, text_forward
+from indexer.errors import ModelError
+from indexer.onnx_encoder import (
+    FORMAT,
+    MANIFEST,
+    PROBE_TEXT,
+    ExportBrokenError,
+    OnnxEncoder,
+    file_checksum,
+    probe_picture,
+)
+from indexer.pixels import Preprocess
+
+__all__ = ["NotExportableError", "export"]
+
+VOCAB = "vocab.txt.gz"
+CLEANERS = {  # open_clip's cleaning functions by the names its configs (and indexer.tokenizer) use
+    clip_tokenizer._clean_lower: "lower",
+    clip_tokenizer._clean_whitespace: "whitespace",
+    clip_tokenizer._clean_canonicalize: "canonicalize",
+}
+
+
+class NotExportableError(ModelError):
+    """This model cannot take the ONNX path; the message says why. Torch embeds for it."""
+
+
+class _Text(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, pooling: tuple[torch.nn.Module, str] | None):
+        super().__init__()
+        self.model, self.pooling = model, pooling
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pooling is None:
+            return self.model.encode_text(tokens, normalize=True)
+        return text_forward(*self.pooling, tokens)
+
+
+class _Image(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, normalize=True)
+
+
+def export(encoder: Encoder, folder: str | os.PathLike) -> None:
+    """Write the export of `encoder`'s model to `folder` (replacing one there), checked before it is put there."""
+    folder = Path(folder)
+    text, image = _text_settings(encoder), _image_settings(encoder)
+    work = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        shutil.copyfile(clip_tokenizer.default_bpe(), work / VOCAB)
+        context = text["context_length"]
+        example = torch.tensor([[text["start"], 320, 2368, text["end_id"]] + [0] * (context - 4)] * 2)
+        length = Dim("length", min=2, max=context) if text["trim"] else None
+        text["files"] = _export(_Text(encoder.model, encoder.text_pooling), example, length, work / "text.onnx")
+        side = encoder.model_id.image_size
+        example = torch.zeros(2, 3, *((side, side) if isinstance(side, int) else side))
+        image["files"] = _export(_Image(encoder.model), example, None, work / "image.onnx")
+        text["probe"] = encoder.embed_texts([PROBE_TEXT])[0].tolist()
+        pixels = torch.from_numpy(Preprocess.from_dict(image["preprocess"])(probe_picture()))
+        image["probe"] = encoder.embed_preprocessed([pixels])[0].tolist()
+        del text["start"], text["end_id"]
+        manifest = {
+            "format": FORMAT,
+            "model": encoder.model_id.to_dict(),
+            "logit_scale": encoder.logit_scale,
+            "text": text,
+            "image": image,
+            "exported_with": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _check(work, encoder)
+        _put_in_place(work, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _text_settings(encoder: Encoder) -> dict:
+    tokenizer = encoder.tokenizer
+    if not isinstance(tokenizer, clip_tokenizer.SimpleTokenizer) or tokenizer.reduction_fn is not None:
+        raise NotExportableError(f"{encoder.model_id.architecture} uses a tokenizer not ported to the ONNX path")
+    if tokenizer.clean_fn not in CLEANERS:
+        raise NotExportableError(f"{encoder.model_id.architecture} cleans its texts in a way that is not ported")
+    pooling = encoder.text_pooling
+    return {
+        "model": "text.onnx",
+        "vocab": VOCAB,
+        "context_length": tokenizer.context_length,
+        "clean": CLEANERS[tokenizer.clean_fn],
+        "special_tokens": [tokenizer.decoder[i] for i in tokenizer.all_special_ids],
+        "trim": pooling is not None,
+        "pool": pooling[1] if pooling else "argmax",
+        "eos_id": eos_id(pooling[0]) if pooling else None,
+        "start": tokenizer.sot_token_id,
+        "end_id": tokenizer.eot_token_id,
+    }
+
+
+def _image_settings(encoder: Encoder) -> dict:
+    config = encoder.model.visual.preprocess_cfg
+    size = config["size"]
+    try:
+        preprocess = Preprocess(
+            (size, size) if isinstance(size, int) else tuple(size),
+            tuple(config["mean"]),
+            tuple(config["std"]),
+            config.get("interpolation", "bicubic"),
+            config.get("resize_mode", "shortest"),
+        )
+    except ValueError as error:
+        raise NotExportableError(f"{encoder.model_id.architecture}: {error}") from None
+    picture = probe_picture().resize((301, 257))
+    if not np.allclose(preprocess(picture), encoder.preprocess(picture).numpy(), atol=1e-5):
+        raise NotExportableError(f"{encoder.model_id.architecture} preprocesses pictures in a way that is not ported")
+    return {"model": "image.onnx", "preprocess": preprocess.to_dict()}
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, length: Dim | None, path: Path) -> dict[str, tuple]:
+    """Export one tower (batch size free, and sequence length where `length` is given): its files, sizes, checksums."""
+    shapes = {0: Dim("batch")} | ({1: length} if length is not None else {})
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(), (example,), str(path), dynamo=True, external_data=True,
+                input_names=["input"], output_names=["vectors"], dynamic_shapes=(shapes,),
+            )  # fmt: skip
+    except Exception as error:  # the exporter fails in many ways on operators it lacks
+        message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise NotExportableError(f"the ONNX exporter failed on {path.stem} tower: {message}") from error
+    return {file.name: (file.stat().st_size, file_checksum(file)) for file in sorted(path.parent.glob(f"{path.name}*"))}
+
+
+def _check(work: Path, encoder: Encoder) -> None:
+    """The export must reproduce torch through ONNX Runtime, with our tokenizer and preprocessing."""
+    exported = OnnxEncoder(work, encoder.model_id)
+    try:
+        exported.embed_texts([PROBE_TEXT])
+        exported.embed_images([probe_picture()])
+    except ExportBrokenError as error:
+        raise NotExportableError(f"the ONNX export does not reproduce the model: {error}") from None
+
+
+def _put_in_place(work: Path, folder: Path) -> None:
+    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+    if folder.exists():
+        folder.rename(old)
+    work.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""The query path without torch: the same answers as torch, from a fresh process that never imports it,
+and a damaged or foreign export made again rather than trusted."""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer import backend
+from indexer.demo_world import write_library
+from indexer.errors import ClipseekWarning
+from indexer.loader import decode_image
+from indexer.onnx_encoder import ExportBrokenError, OnnxEncoder
+from indexer.pipeline import Indexer
+from search.engine import Query, SearchEngine
+
+CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
+QUERIES = ["a red circle", "a small blue star on the left", "a large green cross over water", "a yellow square"]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    pictures = write_library(root / "library", count=60, seed=41)
+    with Indexer.open(root / "index", model="demo") as indexer:
+        indexer.index([root / "library"])
+        indexer.add_captions(root / "library" / "captions.jsonl", "demo")
+    return root, [root / "library" / picture.path for picture in pictures]
+
+
+def engines(index, monkeypatch):
+    """The index opened twice: through the ONNX export, and through torch."""
+    fast = SearchEngine.open(index)
+    assert isinstance(fast.encoder, OnnxEncoder)
+    monkeypatch.setenv("CLIPSEEK_BACKEND", "torch")
+    slow = SearchEngine.open(index)
+    assert not isinstance(slow.encoder, OnnxEncoder)
+    monkeypatch.delenv("CLIPSEEK_BACKEND")
+    return fast, slow
+
+
+def test_queries_get_the_same_vectors_and_the_same_ids_in_the_same_order(indexed, monkeypatch):
+    root, pictures = indexed
+    fast, slow = engines(root / "index", monkeypatch)
+    with fast, slow:
+        for query in [*QUERIES, Query.image(pictures[0]), Query.text("a red star") - 0.5 * Query.image(pictures[1])]:
+            assert float(fast.embed(query) @ slow.embed(query)) >= 0.9999
+            for modality in ("image", "text"):
+                assert [h.id for h in fast.search(query, k=10, modality=modality)] == [
+                    h.id for h in slow.search(query, k=10, modality=modality)
+                ]
+
+
+def test_the_indexer_stores_what_torch_would_have_embedded(indexed, demo_encoder):
+    root, pictures = indexed
+    with SearchEngine.open(root / "index") as engine:
+        ids, stored = engine.store.catalog.vectors("image")
+        paths = {hit.id: hit.path for hit in engine.search("a picture", k=len(pictures))}
+    images = [decode_image(paths[int(item)], demo_encoder.model_id.side).image for item in ids]
+    cosines = (stored * demo_encoder.embed_images(images)).sum(axis=1)
+    assert len(cosines) == len(pictures) and cosines.min() >= 0.9999
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([CLIPSEEK, *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def test_a_cli_query_never_imports_torch_and_status_says_which_path(indexed):
+    root, pictures = indexed
+    code = (
+        "import sys; from search.cli import cli\n"
+        "try: cli(sys.argv[1:])\n"
+        "except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules), file=sys.stderr)"
+    )
+    for args in (["a red circle"], ["--image", pictures[0]], ["--image", pictures[0], "--texts"]):
+        result = subprocess.run(
+            [sys.executable, "-c", code, "search", *map(str, args), "--index", root / "index", "-k", "3"],
+            capture_output=True,
+            text=True,
+        )
+        assert len(result.stdout.splitlines()) == 3 and result.stderr.strip().endswith("[]"), result.stderr
+    status = run_cli("status", "--index", root / "index", "--json")
+    assert json.loads(status.stdout)["runtime"].startswith("ONNX Runtime (")
+    forced = run_cli("status", "--index", root / "index", env={**_env(), "CLIPSEEK_BACKEND": "torch"})
+    assert "embeds     torch (CLIPSEEK_BACKEND=torch)" in forced.stdout
+
+
+def _env():
+    import os
+
+    return dict(os.environ)
+
+
+@pytest.fixture
+def own_cache(monkeypatch, tmp_path, model_cache):
+    """A model cache of this test's own, holding a copy of the demo model's export, to damage."""
+    shutil.copytree(model_cache / "models", tmp_path / "cache" / "models")
+    monkeypatch.setenv("CLIPSEEK_CACHE", str(tmp_path / "cache"))
+    (export,) = [p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()]
+    return export
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _scramble(path: Path) -> None:  # the same size, other bytes: only the probe can tell
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(export: Path, edit) -> None:
+    manifest = json.loads((export / "manifest.json").read_text())
+    edit(manifest)
+    (export / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _foreign(export: Path) -> None:
+    _edit_manifest(export, lambda manifest: manifest["model"].update(checkpoint_sha256="0" * 64))
+
+
+def _other_probe(export: Path) -> None:  # as if ONNX Runtime or the tokenizer no longer did what they did
+    _edit_manifest(export, lambda manifest: manifest["text"].update(probe=[-x for x in manifest["text"]["probe"]]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("damage", "warned"),
+    [
+        (lambda export: _truncate(export / "text.onnx.data"), "missing or truncated"),
+        (lambda export: _scramble(export / "text.onnx.data"), "damaged (checksum)"),
+        (_other_probe, "no longer gives its probe vector"),
+        (lambda export: (export / "text.onnx").write_bytes(b"not a model"), "missing or truncated"),
+        (lambda export: (export / "manifest.json").unlink(), "no ONNX export at"),
+        (_foreign, "is of demo"),
+    ],
+    ids=["truncated", "scrambled", "other-probe", "garbage", "no-manifest", "another-model"],
+)
+def test_a_damaged_or_foreign_export_is_made_again_with_a_warning(indexed, own_cache, damage, warned):
+    root, _ = indexed
+    with SearchEngine.open(root / "index") as engine:
+        expected = [hit.id for hit in engine.search("a red circle", k=10)]
+    damage(own_cache)
+    with warnings.catch_warnings(record=True) as caught, SearchEngine.open(root / "index") as engine:
+        warnings.simplefilter("always")
+        assert [hit.id for hit in engine.search("a red circle", k=10)] == expected
+    messages = [str(w.message) for w in caught if issubclass(w.category, ClipseekWarning)]
+    assert len(messages) == 1 and warned in messages[0] and "exporting it again" in messages[0]
+    OnnxEncoder(own_cache, engine.store.model_id).embed_texts(["checked again"])  # whole again
+
+
+def test_a_cli_user_sees_the_warning_as_one_line(indexed, own_cache):
+    root, _ = indexed
+    _scramble(own_cache / "image.onnx.data")
+    result = run_cli("search", "--image", indexed[1][0], "--index", root / "index", "-k", "1", env=_env())
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 1
+    warning = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warning) == 1 and "image.onnx" in warning[0] and "exporting it again" in warning[0]
+    assert "Traceback" not in result.stderr and "warnings.warn" not in result.stderr
+
+
+def test_without_a_way_to_export_again_a_damaged_export_is_an_error_not_a_wrong_answer(indexed, own_cache):
+    root, _ = indexed
+    with SearchEngine.open(root / "index") as engine:
+        model_id = engine.store.model_id
+    _scramble(own_cache / "text.onnx.data")
+    encoder = OnnxEncoder(own_cache, model_id)  # as where torch is not installed: no rebuild
+    with pytest.raises(ExportBrokenError, match="damaged"):
+        encoder.embed_texts(["a red circle"])
+    assert backend.describe(model_id).startswith("ONNX Runtime")  # the manifest itself is whole
