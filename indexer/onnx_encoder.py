@@ -17,6 +17,7 @@ import json
 import threading
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from indexer.tokenizer import ClipTokenizer
 
 __all__ = ["FORMAT", "MANIFEST", "PROBE_TEXT", "ExportBrokenError", "OnnxEncoder", "file_checksum", "probe_picture"]
 
-FORMAT = 2  # of the export folder; an export of another format is made again
+FORMAT = 3  # of the export folder; an export of another format is made again
 MANIFEST = "manifest.json"
 PROBE_TEXT = "a photo of a cat sunbathing on a windowsill"
 PROBE_COSINE = 0.9999  # a tower must give at least this cosine to its exported probe vector
@@ -80,7 +81,8 @@ class OnnxEncoder:
         self._rebuild = rebuild
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
-        self._sessions: dict[str, object] = {}
+        self._rebuilding = threading.Lock()
+        self._sessions: dict[str, Future] = {}
         self._read(model_id)
 
     def _read(self, model_id: ModelId) -> None:
@@ -127,6 +129,7 @@ class OnnxEncoder:
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True) -> np.ndarray:
         """Embed texts: (n, dim) float32, each row of unit length; batched and trimmed as the torch path does."""
+        self._loading("text")
         tokens = self.tokenizer(list(texts))
         out = np.zeros((len(texts), self.model_id.dim), np.float32)
         trim = trim and self.trims_text
@@ -148,37 +151,61 @@ class OnnxEncoder:
     # -- loading and checking the towers ---------------------------------------------------
 
     def _session(self, tower: str):
+        return self._loading(tower).result()
+
+    def _loading(self, tower: str) -> Future:
+        """The tower's session, loaded in a thread of its own from the first call on: a cold text
+        query tokenises while ONNX Runtime reads the model (which releases the GIL)."""
         with self._lock:
             if tower not in self._sessions:
-                try:
-                    self._sessions[tower] = self._load(tower)
-                except ExportBrokenError as error:
-                    if self._rebuild is None:
-                        raise
-                    self._rebuild(error)
-                    self._sessions.clear()
-                    self._read(self.model_id)
-                    self._sessions[tower] = self._load(tower)
+                future = self._sessions[tower] = Future()
+                threading.Thread(target=self._settle, args=(tower, future), daemon=True).start()
             return self._sessions[tower]
+
+    def _settle(self, tower: str, future: Future) -> None:
+        try:
+            future.set_result(self._checked(tower))
+        except BaseException as error:  # handed to every caller of _session, which raises it
+            future.set_exception(error)
+
+    def _checked(self, tower: str):
+        try:
+            return self._load(tower)
+        except ExportBrokenError as error:
+            if self._rebuild is None:
+                raise
+            with self._rebuilding:
+                self._rebuild(error)
+                self._read(self.model_id)
+            return self._load(tower)
 
     def _load(self, tower: str):
         import onnxruntime
 
         entry = self.manifest[tower]
-        for name, (size, checksum) in entry["files"].items():
+        for name, (size, _) in entry["files"].items():
             path = self.folder / name
             if not path.is_file() or path.stat().st_size != size:
                 raise ExportBrokenError(f"the ONNX export's {name} at {self.folder} is missing or truncated")
-            if file_checksum(path) != checksum:
-                raise ExportBrokenError(f"the ONNX export's {name} at {self.folder} is damaged (checksum)")
+        # The checksums are computed while ONNX Runtime reads the files (both release the GIL);
+        # the session is used only if they agree.
+        damaged: Future = Future()
+        checking = threading.Thread(target=lambda: damaged.set_result(self._damaged(entry["files"])))
+        checking.start()
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+        failure = None
         try:
             session = onnxruntime.InferenceSession(
                 str(self.folder / entry["model"]), options, providers=["CPUExecutionProvider"]
             )
         except Exception as error:  # onnxruntime has its own exception for each kind of damage
-            message = f"the ONNX export's {entry['model']} at {self.folder} is damaged ({error})"
+            failure = error
+        checking.join()
+        if damaged.result():
+            raise ExportBrokenError(f"the ONNX export's {damaged.result()} at {self.folder} is damaged (checksum)")
+        if failure is not None:
+            message = f"the ONNX export's {entry['model']} at {self.folder} is damaged ({failure})"
             raise ExportBrokenError(message) from None
         cosine = float(self._probe(tower, session) @ np.asarray(entry["probe"], np.float32))
         if not cosine >= PROBE_COSINE:
@@ -187,6 +214,11 @@ class OnnxEncoder:
                 f"(cosine {cosine:.6f})"
             )
         return session
+
+    def _damaged(self, files: dict[str, list[int]]) -> str | None:
+        """The first of `files` whose checksum is not the recorded one."""
+        bad = (name for name, (_, checksum) in files.items() if file_checksum(self.folder / name) != checksum)
+        return next(bad, None)
 
     def _probe(self, tower: str, session) -> np.ndarray:
         if tower == "image":

@@ -40,10 +40,11 @@ from indexer.onnx_encoder import (
     probe_picture,
 )
 from indexer.pixels import Preprocess
+from indexer.tokenizer import read_merges
 
 __all__ = ["NotExportableError", "export"]
 
-VOCAB = "vocab.txt.gz"
+VOCAB = "merges.txt"  # the merges CLIP uses, unzipped: 0.4 MB that a fresh process reads in milliseconds
 CLEANERS = {  # open_clip's cleaning functions by the names its configs (and indexer.tokenizer) use
     clip_tokenizer._clean_lower: "lower",
     clip_tokenizer._clean_whitespace: "whitespace",
@@ -83,7 +84,8 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        shutil.copyfile(clip_tokenizer.default_bpe(), work / VOCAB)
+        merges = read_merges(clip_tokenizer.default_bpe())
+        (work / VOCAB).write_text("\n".join(["#version: 0.2", *merges, ""]), encoding="utf-8")
         context = text["context_length"]
         example = torch.tensor([[text["start"], 320, 2368, text["end_id"]] + [0] * (context - 4)] * 2)
         length = Dim("length", min=2, max=context) if text["trim"] else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import html
 import itertools
+import math
 import string
 from functools import lru_cache
 from pathlib import Path
@@ -23,7 +24,7 @@ import ftfy
 import numpy as np
 import regex
 
-__all__ = ["CLEANERS", "ClipTokenizer"]
+__all__ = ["CLEANERS", "MERGES", "ClipTokenizer", "read_merges"]
 
 START, END = "<start_of_text>", "<end_of_text>"
 MERGES = 49152 - 256 - 2  # the merges CLIP's vocabulary keeps, after the 512 byte symbols and the two special tokens
@@ -58,19 +59,26 @@ CLEANERS = {
 }
 
 
+def read_merges(path: str | Path) -> list[str]:
+    """The merges CLIP uses, from open_clip's gzipped vocabulary file or a plain copy of its first lines."""
+    data = Path(path).read_bytes()
+    text = (gzip.decompress(data) if str(path).endswith(".gz") else data).decode("utf-8")
+    return text.split("\n", MERGES + 1)[1 : MERGES + 1]  # after a header line; the rest of the file is unused
+
+
 class ClipTokenizer:
     def __init__(
         self,
-        vocab_file: str | Path,
+        merges_file: str | Path,
         context_length: int = 77,
         clean: str = "lower",
         special_tokens: tuple[str, ...] = (START, END),
     ):
-        with gzip.open(vocab_file, "rt", encoding="utf-8") as stream:
-            merges = [tuple(line.split()) for line in stream.read().split("\n")[1 : MERGES + 1]]
+        # Merges stay "a b" strings, as in the file: a fresh process builds these maps in milliseconds.
+        merges = read_merges(merges_file)
         symbols = list(_byte_symbols().values())
-        vocab = [*symbols, *(symbol + "</w>" for symbol in symbols), *("".join(m) for m in merges), *special_tokens]
-        self.ids = {piece: number for number, piece in enumerate(vocab)}
+        vocab = [*symbols, *(symbol + "</w>" for symbol in symbols), *(m.replace(" ", "") for m in merges)]
+        self.ids = {piece: number for number, piece in enumerate([*vocab, *special_tokens])}
         self.ranks = {merge: rank for rank, merge in enumerate(merges)}
         self.start, self.end = self.ids[special_tokens[0]], self.ids[special_tokens[1]]
         self.context_length = context_length
@@ -97,10 +105,11 @@ class ClipTokenizer:
             return self._cache[word]
         parts = (*word[:-1], word[-1] + "</w>")
         while len(parts) > 1:
-            pairs = set(itertools.pairwise(parts))
-            best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
-            if best not in self.ranks:
+            pairs = {f"{a} {b}": (a, b) for a, b in itertools.pairwise(parts)}
+            merge = min(pairs, key=lambda pair: self.ranks.get(pair, math.inf))
+            if merge not in self.ranks:
                 break
+            best = pairs[merge]
             merged, i = [], 0
             while i < len(parts):
                 if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:

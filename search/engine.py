@@ -14,6 +14,7 @@ generation and picks up new commits without reopening.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -224,12 +225,20 @@ class SearchEngine:
         if collection is not None and collection not in self.store.catalog.collections():
             known = ", ".join(self.store.catalog.collections()) or "none"
             raise QueryError(f"no collection '{collection}' in the index (collections: {known})")
-        return self._nearest(self.embed(query), modality, k, offset, filters, min_score)
+        self.store.refresh()
+        # The vectors load (on a cold start) while the query is embedded: both wait on C++ code
+        # that releases the GIL (FAISS reading its file; ONNX Runtime or torch loading a model).
+        loading = threading.Thread(target=_load_quietly, args=(self.store, modality))
+        loading.start()
+        try:
+            vector = self.embed(query)
+        finally:
+            loading.join()
+        return self._nearest(vector, modality, k, offset, filters, min_score)
 
     def _nearest(
         self, vector: np.ndarray, modality: str, k: int, offset: int, filters: Filters, min_score: float | None
     ) -> list[Hit]:
-        self.store.refresh()
         allowed = self.store.catalog.matching_ids(modality, filters) if filters.any() else None
         scores, ids = self.store.vectors(modality).search(vector[None, :], k + offset, allowed)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
@@ -321,6 +330,11 @@ class SearchEngine:
         from search.moderation import moderate
 
         return moderate(self, items, policy)
+
+
+def _load_quietly(store, modality: str) -> None:
+    with contextlib.suppress(Exception):  # raised again, with its message, where _nearest asks for them
+        store.vectors(modality)
 
 
 def _describe(kind: str, value: Any) -> str:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import tempfile
 import time
 
-from tests.bench import encoder_bench, indexer_bench, moderation_bench, server_bench
+from tests.bench import encoder_bench, indexer_bench, moderation_bench, query_bench, server_bench
 
 SECTIONS = {
     "encoder": encoder_bench.run,
+    "query": query_bench.run,
     "indexing": indexer_bench.end_to_end,
     "rescan": indexer_bench.rescan,
     "server": server_bench.run,
@@ -29,6 +32,9 @@ def main() -> None:
     args = parser.parse_args()
 
     report = {"machine": {"platform": platform.platform(), "python": platform.python_version()}, "started": time.time()}
+    # A model cache of the run's own: ONNX exports are made once per run, and the user's cache is left alone.
+    cache = tempfile.TemporaryDirectory(prefix="clipseek-bench-cache-")
+    os.environ["CLIPSEEK_CACHE"] = cache.name
     for name in args.only or SECTIONS:
         print(f"\n== {name}")
         rows = SECTIONS[name](report.setdefault(name, {}))
