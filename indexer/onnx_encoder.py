@@ -194,6 +194,9 @@ class OnnxEncoder:
         checking.start()
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+        # Idle threads sleep instead of spinning: spinning took a core from FAISS and the decoding
+        # workers (warm text queries: p50 36 → 24 ms, p99 72 → 31 ms on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         failure = None
         try:
             session = onnxruntime.InferenceSession(

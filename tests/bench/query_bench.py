@@ -109,9 +109,9 @@ def run(report: dict) -> list[tuple[str, str, str]]:
     report.update(items=ITEMS, cold_seconds=cold, cold_onnx_vs_torch=ratio, warm_ms_p50_p99=warm)
     rows = [
         (
-            f"cold `clipseek search`, {ITEMS:,} vectors: ONNX",
+            f"cold `clipseek search`, {ITEMS:,} vectors",
             f"{cold['onnx']:.2f} s",
-            f"median of {COLD_RUNS} processes",
+            f"ONNX; median of {COLD_RUNS} processes",
         ),
         ("  the same through torch", f"{cold['torch']:.2f} s", f"ONNX takes {ratio:.2f} of it (target ≤ 0.2, < 1 s)"),
         ("  python -c 'import torch, open_clip'", f"{cold['import torch, open_clip']:.2f} s", "the import alone"),
