@@ -8,7 +8,8 @@ CLIPSEEK_BACKEND=auto) uses the export and makes it on first need where there is
 costs one torch load and a few seconds to a minute, once. A model that cannot be exported is
 remembered with the reason (until torch or open_clip change) and embeds with torch. A damaged
 export, or one of another model, is made again with a warning. CLIPSEEK_BACKEND=torch never
-uses an export; CLIPSEEK_BACKEND=onnx fails rather than fall back to torch.
+uses an export; CLIPSEEK_BACKEND=onnx fails rather than fall back to torch; CLIPSEEK_BACKEND=int8
+is `onnx` with the export's 8-bit towers (opt-in: about twice as fast, slightly different vectors).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = ["BACKENDS", "chosen", "describe", "export_dir", "load"]
 
 log = logging.getLogger("clipseek")
 
-BACKENDS = ("auto", "onnx", "torch")
+BACKENDS = ("auto", "onnx", "int8", "torch")
 
 
 def chosen() -> str:
@@ -73,13 +74,14 @@ def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | No
         _export(with_torch(), folder)
 
     rebuild_if_possible = rebuild if util.find_spec("torch") else None
+    int8 = backend == "int8"
     refused = _refusal(folder)
     if refused is not None:
-        if backend == "onnx":
+        if backend != "auto":
             raise ModelError(f"{model_id} has no ONNX path: {refused}")
         return with_torch()
     try:
-        return OnnxEncoder(folder, model_id, rebuild_if_possible)
+        return OnnxEncoder(folder, model_id, rebuild_if_possible, int8)
     except ExportBrokenError as error:
         if rebuild_if_possible is None:
             raise ModelError(f"{error}, and torch is not installed to export it again") from None
@@ -91,10 +93,10 @@ def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | No
         _export(with_torch(), folder)
     except NotExportableError as error:
         _refuse(folder, str(error))
-        if backend == "onnx":
+        if backend != "auto":
             raise
         return with_torch()
-    return OnnxEncoder(folder, model_id, rebuild_if_possible)
+    return OnnxEncoder(folder, model_id, rebuild_if_possible, int8)
 
 
 def _export(encoder: Encoder, folder: Path) -> None:
@@ -120,7 +122,7 @@ def describe(model_id: ModelId) -> str:
         return "ONNX Runtime, once the first query exports the model (one torch load)"
     if manifest.get("model") != model_id.to_dict():
         return f"ONNX Runtime, once the export at {folder} (of another model) is made again"
-    return f"ONNX Runtime ({folder})"
+    return f"ONNX Runtime{', int8 weights' if backend == 'int8' else ''} ({folder})"
 
 
 # -- models that cannot be exported -------------------------------------------------------

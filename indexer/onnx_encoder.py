@@ -30,7 +30,7 @@ from indexer.tokenizer import ClipTokenizer
 
 __all__ = ["FORMAT", "MANIFEST", "PROBE_TEXT", "ExportBrokenError", "OnnxEncoder", "file_checksum", "probe_picture"]
 
-FORMAT = 3  # of the export folder; an export of another format is made again
+FORMAT = 4  # of the export folder; an export of another format is made again
 MANIFEST = "manifest.json"
 PROBE_TEXT = "a photo of a cat sunbathing on a windowsill"
 PROBE_COSINE = 0.9999  # a tower must give at least this cosine to its exported probe vector
@@ -73,11 +73,18 @@ class OnnxEncoder:
     """A model's export, embedding into L2-normalised float32 rows like indexer.encoder.Encoder."""
 
     def __init__(
-        self, folder: str | Path, model_id: ModelId, rebuild: Callable[[ExportBrokenError], None] | None = None
+        self,
+        folder: str | Path,
+        model_id: ModelId,
+        rebuild: Callable[[ExportBrokenError], None] | None = None,
+        int8: bool = False,
     ):
         """Open the export in `folder`, which must be of `model_id`. `rebuild` makes the export
-        again (it needs torch); a tower found damaged is rebuilt once, else it is an error."""
+        again (it needs torch); a tower found damaged is rebuilt once, else it is an error.
+        `int8`: embed with the towers whose weights were quantised to 8 bits (opt-in: faster,
+        slightly different vectors; see the README's benchmarks)."""
         self.folder = Path(folder)
+        self.int8 = int8
         self._rebuild = rebuild
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
@@ -179,10 +186,14 @@ class OnnxEncoder:
                 self._read(self.model_id)
             return self._load(tower)
 
-    def _load(self, tower: str):
+    def measured_probes(self) -> dict[str, list[float]]:
+        """What each tower gives for its probe now, unchecked: how an export records its probes."""
+        return {tower: self._probe(tower, self._load(tower, check=False)).tolist() for tower in ("text", "image")}
+
+    def _load(self, tower: str, check: bool = True):
         import onnxruntime
 
-        entry = self.manifest[tower]
+        entry = self.manifest[f"{tower}_int8" if self.int8 else tower]
         for name, (size, _) in entry["files"].items():
             path = self.folder / name
             if not path.is_file() or path.stat().st_size != size:
@@ -210,6 +221,8 @@ class OnnxEncoder:
         if failure is not None:
             message = f"the ONNX export's {entry['model']} at {self.folder} is damaged ({failure})"
             raise ExportBrokenError(message) from None
+        if not check:
+            return session
         cosine = float(self._probe(tower, session) @ np.asarray(entry["probe"], np.float32))
         if not cosine >= PROBE_COSINE:
             raise ExportBrokenError(

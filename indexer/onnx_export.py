@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -30,6 +31,7 @@ from torch.export import Dim
 
 from indexer.encoder import Encoder, eos_id, text_forward
 from indexer.errors import ModelError
+from indexer.models import ModelId
 from indexer.onnx_encoder import (
     FORMAT,
     MANIFEST,
@@ -107,6 +109,7 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         _check(work, encoder)
+        _quantize(work, manifest)
         _put_in_place(work, folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -156,8 +159,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor, length: Dim | None, 
     """Export one tower (batch size free, and sequence length where `length` is given): its files, sizes, checksums."""
     shapes = {0: Dim("batch")} | ({1: length} if length is not None else {})
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _quiet(), torch.no_grad():
             torch.onnx.export(
                 module.eval(), (example,), str(path), dynamo=True, external_data=True,
                 input_names=["input"], output_names=["vectors"], dynamic_shapes=(shapes,),
@@ -168,6 +170,18 @@ def _export(module: torch.nn.Module, example: torch.Tensor, length: Dim | None, 
     return {file.name: (file.stat().st_size, file_checksum(file)) for file in sorted(path.parent.glob(f"{path.name}*"))}
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The exporter and the quantiser print progress, warnings and advice meant for their developers."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
 def _check(work: Path, encoder: Encoder) -> None:
     """The export must reproduce torch through ONNX Runtime, with our tokenizer and preprocessing."""
     exported = OnnxEncoder(work, encoder.model_id)
@@ -176,6 +190,24 @@ def _check(work: Path, encoder: Encoder) -> None:
         exported.embed_images([probe_picture()])
     except ExportBrokenError as error:
         raise NotExportableError(f"the ONNX export does not reproduce the model: {error}") from None
+
+
+def _quantize(work: Path, manifest: dict) -> None:
+    """Add the opt-in int8 towers: weights of matrix products quantised to 8 bits, activations
+    quantised on the fly (ONNX Runtime's dynamic quantisation). Their probes are their own."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for tower in ("text", "image"):
+        quantized = work / f"{tower}.int8.onnx"
+        with _quiet():
+            quantize_dynamic(work / f"{tower}.onnx", quantized, weight_type=QuantType.QInt8)
+        files = {quantized.name: (quantized.stat().st_size, file_checksum(quantized))}
+        manifest[f"{tower}_int8"] = {"model": quantized.name, "files": files, "probe": None}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    probes = OnnxEncoder(work, ModelId.from_dict(manifest["model"]), int8=True).measured_probes()
+    for tower, probe in probes.items():
+        manifest[f"{tower}_int8"]["probe"] = probe
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
 
 def _put_in_place(work: Path, folder: Path) -> None:

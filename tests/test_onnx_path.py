@@ -66,6 +66,22 @@ def test_the_indexer_stores_what_torch_would_have_embedded(indexed, demo_encoder
     assert len(cosines) == len(pictures) and cosines.min() >= 0.9999
 
 
+def test_int8_is_opt_in_and_close_to_float32(indexed, monkeypatch):
+    root, pictures = indexed
+    queries = [*QUERIES, Query.image(pictures[0]), Query.image(pictures[1])]
+    with SearchEngine.open(root / "index") as engine:
+        assert not engine.encoder.int8
+        expected = [engine.embed(query) for query in queries]
+        best = [engine.search(query, k=1)[0].id for query in queries]
+    monkeypatch.setenv("CLIPSEEK_BACKEND", "int8")
+    assert backend.describe(engine.store.model_id).startswith("ONNX Runtime, int8 weights (")
+    with SearchEngine.open(root / "index") as engine:
+        assert engine.encoder.int8
+        cosines = [float(engine.embed(query) @ vector) for query, vector in zip(queries, expected, strict=True)]
+        assert min(cosines) >= 0.999 and max(cosines) < 1 - 1e-7  # close, and really other weights
+        assert [engine.search(query, k=1)[0].id for query in queries] == best
+
+
 def run_cli(*args, env=None):
     return subprocess.run([CLIPSEEK, *map(str, args)], capture_output=True, text=True, env=env)
 
