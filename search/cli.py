@@ -85,6 +85,7 @@ for command in (
     index_commands.status,
     index_commands.remove,
     index_commands.check,
+    index_commands.optimize,
     query_commands.search,
     query_commands.similar,
     query_commands.classify,

@@ -211,8 +211,10 @@ class SearchEngine:
 
         Filters: `path`, a folder prefix or a glob (`*`, `?`, `[…]`) on the picture's path;
         `collection`; `date_from` / `date_to` (ISO dates, inclusive) on the date taken (EXIF,
-        else the file's time); `min_score`. With filters the result is still the exact top k
-        among the matching items. k is capped at MAX_K.
+        else the file's time); `min_score`. With filters the result is still the top k among the
+        matching items: exact with a flat index (the default up to 250,000 items) or a filter
+        matching up to 20,000, else as approximate as the index (its recall is in `status`),
+        but never fewer than k when k match. k is capped at MAX_K.
         """
         if modality not in MODALITIES:
             raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
@@ -240,8 +242,8 @@ class SearchEngine:
         self, vector: np.ndarray, modality: str, k: int, offset: int, filters: Filters, min_score: float | None
     ) -> list[Hit]:
         allowed = self.store.catalog.matching_ids(modality, filters) if filters.any() else None
-        scores, ids = self.store.vectors(modality).search(vector[None, :], k + offset, allowed)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        ids, scores = self.store.nearest(modality, vector, k + offset, allowed)
+        found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True)]
         if min_score is not None:
             found = [(i, s) for i, s in found if s >= min_score]
         found = found[offset : offset + k]

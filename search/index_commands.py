@@ -1,4 +1,4 @@
-"""The commands that write or inspect an index: index, add-captions, status, remove, check."""
+"""The commands that write or inspect an index: index, add-captions, status, remove, check, optimize."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from search.options import index_option, json_option, model_options
+from search.options import index_option, json_option, model_options, options
 
 
 def _open_indexer(index, model, pretrained, checkpoint, download):
@@ -40,18 +40,33 @@ def _stop_on_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")  # "auto" and vectors.KINDS, without importing faiss for --help
+index_type_options = options(
+    click.option(
+        "--index-type",
+        type=click.Choice(INDEX_TYPES),
+        help="Vector index kind; auto keeps exact search while it is fast, then ivf, then ivfpq [remembered; auto].",
+    ),
+    click.option(
+        "--memory-budget", metavar="SIZE", help="Memory the vector indexes may use, e.g. 4G [remembered; 4G]."
+    ),
+)
+
+
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @index_option
 @model_options
+@index_type_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
-def index(paths, index, model, pretrained, checkpoint, download, quiet, as_json):
+def index(paths, index, model, pretrained, checkpoint, download, index_type, memory_budget, quiet, as_json):
     """Index the pictures in PATHS (folders or files).
 
     Only new and changed files are decoded; moved or renamed files keep their embedding; files
     that are gone leave the index. Files that cannot be read are recorded and skipped.
-    Ctrl-C stops after the current batch, keeping everything done so far.
+    Ctrl-C stops after the current batch, keeping everything done so far. When the collection
+    outgrows its vector index kind (see --index-type), the vector files are rebuilt at the end.
     """
     from tqdm import tqdm
 
@@ -62,7 +77,10 @@ def index(paths, index, model, pretrained, checkpoint, download, quiet, as_json)
         bar.update(done - bar.n)
 
     with _open_indexer(index, model, pretrained, checkpoint, download) as indexer, _stop_on_interrupt() as stop, bar:
+        indexer.store.index_setting(index_type, _budget(memory_budget))
         report = indexer.index(paths, progress=progress, stop=stop)
+        if not report.interrupted:
+            indexer.store.fit(progress=lambda message: click.echo(message, err=True))
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
@@ -86,6 +104,30 @@ def index(paths, index, model, pretrained, checkpoint, download, quiet, as_json)
     if report.interrupted:
         click.echo("interrupted: what was done is kept; run the same command again to finish", err=True)
         sys.exit(130)
+
+
+def _budget(text: str | None) -> int | None:
+    from indexer.store.index_choice import parse_size
+
+    return parse_size(text) if text is not None else None
+
+
+@click.command()
+@index_option
+@index_type_options
+def optimize(index, index_type, memory_budget):
+    """Rebuild the vector files as the index kind that fits the collection now, tuned to recall@10 ≥ 0.95.
+
+    Searches keep being answered from the old files until the new ones replace them.
+    """
+    from indexer.config import index_dir
+    from indexer.store import Store
+
+    with Store.open(index_dir(index), write=True) as store:
+        kind, budget = store.index_setting(index_type, _budget(memory_budget))
+        chosen = store.optimize(kind, budget, progress=lambda message: click.echo(message, err=True))
+    for modality, spec in chosen.items():
+        click.echo(f"{modality}s: {spec.describe()}")
 
 
 @click.command("add-captions")

@@ -24,20 +24,40 @@ import numpy as np
 
 from indexer.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError
 from indexer.models import ModelId
+from indexer.store import index_choice
 from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, StoredImage, Writer
-from indexer.store.vectors import VectorIndex, remove_files
+from indexer.store.vectors import (
+    IndexSpec,
+    VectorIndex,
+    candidate_count,
+    read_spec,
+    remove_files,
+    rerank,
+    tune,
+)
 
-__all__ = ["MODALITIES", "Filters", "NewCaption", "NewImage", "Store", "StoreStatus", "StoredImage", "is_under"]
+__all__ = [
+    "MODALITIES",
+    "Filters",
+    "IndexSpec",
+    "NewCaption",
+    "NewImage",
+    "Store",
+    "StoreStatus",
+    "StoredImage",
+    "is_under",
+]
 
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
+EXACT_FILTER = 20_000  # filters matching at most this many items are searched exactly (~40 MB of embeddings at 512-d)
 
 
 @dataclass(frozen=True)
 class StoreStatus:
     path: str
     model: ModelId | None
-    index_type: str
+    index_type: str  # per modality: its vector file's kind, settings and measured recall
     generation: int
     updated_at: float | None
     counts: list[tuple[str, str | None, int]]  # (modality, collection, items)
@@ -178,8 +198,97 @@ class Store:
         return VectorIndex.load(self._vector_path(modality), changed, self.catalog.generation())
 
     def _rebuild(self, modality: str) -> VectorIndex:
+        """A modality's vector index from the catalog, of the kind last chosen for it (flat when
+        there are too few vectors left to train that kind)."""
         ids, vectors = self.catalog.vectors(modality)
-        return VectorIndex.build(self.model_id.dim, ids, vectors)
+        spec = IndexSpec.from_dict(json.loads(self.catalog.get(f"index_spec.{modality}") or "null"))
+        if not spec.exact and len(ids) < (spec.nlist or 0) * index_choice.MIN_PER_CLUSTER + 1:
+            spec = IndexSpec()
+        if spec.exact or not len(ids):
+            return VectorIndex.build(self.model_id.dim, ids, vectors)
+        return tune(VectorIndex.build(self.model_id.dim, ids, vectors, spec), ids, vectors)
+
+    # -- searching -------------------------------------------------------------------------
+
+    def nearest(
+        self, modality: str, vector: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k items of `modality` (among `allowed`) nearest to `vector`: (ids, cosine similarities), best first.
+
+        Approximate kinds give candidates, re-ranked by the exact cosine of the catalog's
+        embeddings, so scores are always true similarities. A filter matching up to
+        EXACT_FILTER items is answered exactly from their embeddings (cheaper than a filtered
+        graph or cluster walk, and never short); a wider one through the index, topped up
+        exactly when it comes back short. So a filter never gives fewer than k hits when k
+        items match.
+        """
+        index = self.vectors(modality)
+        if not index.spec.exact and allowed is not None and len(allowed) <= EXACT_FILTER:
+            return self._reranked(allowed, vector, k)
+        scores, ids = index.search(vector[None, :], k if index.spec.exact else candidate_count(k), allowed)
+        found, scores = ids[0][ids[0] >= 0], scores[0][ids[0] >= 0]
+        if index.spec.exact:
+            return found, scores
+        if len(found) < min(k, index.count if allowed is None else len(allowed)):
+            found = allowed if allowed is not None else index.ids()
+        return self._reranked(found, vector, k)
+
+    def _reranked(self, ids: np.ndarray, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        found, vectors = self.catalog.embeddings_of(ids)
+        if not len(found):
+            return found, np.zeros(0, np.float32)
+        return rerank(vector, found, vectors, k)
+
+    def index_setting(self, kind: str | None = None, budget: int | None = None) -> tuple[str, int]:
+        """The index type and memory budget this index keeps to (default auto, 4 GiB); given ones are remembered."""
+        setting = json.loads(self.catalog.get("index_setting") or "{}")
+        asked = {key: value for key, value in (("kind", kind), ("budget", budget)) if value is not None}
+        if asked and {**setting, **asked} != setting:
+            index_choice.check_kind(asked.get("kind", "auto"))
+            setting = {**setting, **asked}
+            with self.catalog.write() as writer:
+                writer.set("index_setting", setting)
+        return setting.get("kind", "auto"), setting.get("budget", index_choice.DEFAULT_BUDGET)
+
+    def fit(self, progress: Callable[[str], None] = print) -> dict[str, IndexSpec]:
+        """Rebuild the vector files whose kind no longer fits: the collection outgrew exact search,
+        or the index type or budget changed. What fits already is left alone (`optimize` retunes it)."""
+        kind, budget = self.index_setting()
+        stale = [
+            modality
+            for modality in MODALITIES
+            if (count := self.vectors(modality).count)
+            and index_choice.choose(count, self.model_id.dim, kind, budget).kind != self.vectors(modality).spec.kind
+        ]
+        return self.optimize(kind, budget, progress, stale) if stale else {}
+
+    def optimize(
+        self,
+        kind: str = "auto",
+        budget: int = index_choice.DEFAULT_BUDGET,
+        progress: Callable[[str], None] = print,
+        modalities: Iterable[str] = MODALITIES,
+    ) -> dict[str, IndexSpec]:
+        """Rebuild each modality's vector file as the kind that fits it now (index_choice.choose),
+        tuned to recall@10 ≥ 0.95; the old file serves readers until the new one replaces it."""
+        chosen = {}
+        for modality in modalities:
+            ids, vectors = self.catalog.vectors(modality)
+            if not len(ids):
+                continue
+            spec = index_choice.choose(len(ids), self.model_id.dim, kind, budget)
+            progress(f"{modality}s: building {spec.kind} over {len(ids):,} vectors")
+            index = VectorIndex.build(self.model_id.dim, ids, vectors, spec)
+            if not spec.exact:
+                progress(f"{modality}s: tuning {spec.kind} to recall@10 ≥ 0.95")
+                index = tune(index, ids, vectors)
+            with self.catalog.write() as writer:  # first: a rebuild after a crash makes this kind again
+                writer.set(f"index_spec.{modality}", index.spec.to_dict())
+            self._vectors[modality] = index
+            self._dirty.add(modality)
+            self.flush()
+            chosen[modality] = index.spec
+        return chosen
 
     def check(self) -> list[str]:
         """Everything that disagrees between catalog and vector files; empty when consistent."""
@@ -213,7 +322,12 @@ class Store:
         return StoreStatus(
             path=str(self.root),
             model=self.model_id,
-            index_type=f"{VectorIndex.kind} (exact search)",
+            index_type=", ".join(
+                f"{modality}s {read_spec(self._vector_path(modality)).describe()}"
+                for modality in MODALITIES
+                if self._vector_path(modality).exists()
+            )
+            or "flat (exact search)",
             generation=self.catalog.generation(),
             updated_at=float(updated) if updated else None,
             counts=self.catalog.counts(),

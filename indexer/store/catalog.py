@@ -252,6 +252,21 @@ class Catalog:
         vector = np.frombuffer(row.vector, dtype="<f4")
         return NewImage(row.path, row.size, row.mtime_ns, sha256, row.width, row.height, row.taken_at, vector)
 
+    def embeddings_of(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, embeddings) of those of `ids` that exist, in the order asked."""
+        asked = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        with self.engine.connect() as connection:
+            for start in range(0, len(asked), 10_000):  # under SQLite's limit of bound parameters
+                chunk = asked[start : start + 10_000]
+                query = select(embeddings.c.item_id, embeddings.c.vector).where(embeddings.c.item_id.in_(chunk))
+                found.update((row[0], row[1]) for row in connection.execute(query))
+        present = [i for i in asked if i in found]
+        if not present:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        vectors = np.frombuffer(b"".join(found[i] for i in present), dtype="<f4").reshape(len(present), -1)
+        return np.asarray(present, dtype=np.int64), vectors
+
     def embedding(self, item_id: int) -> np.ndarray | None:
         with self.engine.connect() as connection:
             blob = connection.execute(select(embeddings.c.vector).where(embeddings.c.item_id == item_id)).scalar()

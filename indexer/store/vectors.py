@@ -2,19 +2,67 @@
 
 A vector file is written to a temporary file, fsynced and renamed into place, then stamped by a
 small JSON file beside it (`image.faiss.stamp`) with the catalog generation it reflects, its
-byte size and its vector count. A file whose stamp is missing or disagrees is never served: the
-store rebuilds it from the catalog.
+byte size, its vector count and its index spec. A file whose stamp is missing or disagrees is
+never served: the store rebuilds it from the catalog.
+
+Kinds (IndexSpec.kind): `flat`, exact search, the quality reference; `hnsw`, a graph over the
+full vectors; `ivf`, full vectors in nlist clusters of which nprobe are searched; `ivfpq`, the
+same clusters holding product-quantised codes of `code_bytes` bytes instead of the vectors. All
+use inner product on unit vectors (cosine similarity) and are keyed by catalog item id.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+TRAINING_SAMPLE = 50  # vectors per IVF cluster used to train it (FAISS wants at least 39)
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How a vector file is built and searched."""
+
+    kind: str = "flat"
+    nlist: int | None = None  # ivf, ivfpq: clusters
+    nprobe: int | None = None  # ivf, ivfpq: clusters searched per query
+    links: int | None = None  # hnsw: neighbours per node (M)
+    ef_search: int | None = None  # hnsw: candidate list while searching
+    code_bytes: int | None = None  # ivfpq: bytes per vector
+    recall: float | None = None  # recall@10 against exact search, measured when it was built
+
+    @property
+    def exact(self) -> bool:
+        return self.kind == "flat"
+
+    def bytes_per_vector(self, dim: int) -> int:
+        """Memory per vector, roughly: what the memory budget is checked against."""
+        if self.kind == "ivfpq":
+            return (self.code_bytes or dim // 8) + 8
+        return 4 * dim + 8 + (2 * 4 * (self.links or 32) if self.kind == "hnsw" else 0)
+
+    def describe(self) -> str:
+        settings = {
+            "flat": "exact search",
+            "hnsw": f"M {self.links}, efSearch {self.ef_search}",
+            "ivf": f"nlist {self.nlist}, nprobe {self.nprobe}",
+            "ivfpq": f"nlist {self.nlist}, nprobe {self.nprobe}, {self.code_bytes}-byte codes",
+        }[self.kind]
+        measured = f"; recall@10 {self.recall:.3f} when built" if self.recall is not None else ""
+        return f"{self.kind} ({settings}{measured})"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> IndexSpec:
+        return cls(**data) if data else cls()
 
 
 @dataclass(frozen=True)
@@ -22,45 +70,104 @@ class Stamp:
     generation: int
     count: int
     size: int
+    spec: dict | None = None  # stamps written before index kinds existed are flat
 
 
 class VectorIndex:
-    """Exact inner-product search over L2-normalised vectors (cosine similarity), keyed by item id."""
+    """Inner-product search over L2-normalised vectors (cosine similarity), keyed by item id."""
 
-    kind = "flat"
-
-    def __init__(self, index: faiss.Index):
+    def __init__(self, index: faiss.Index, spec: IndexSpec):
         self.index = index
+        self.spec = spec
+        self._apply_search_settings()
 
     @classmethod
-    def build(cls, dim: int, ids: np.ndarray | None = None, vectors: np.ndarray | None = None) -> VectorIndex:
-        built = cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+    def build(
+        cls, dim: int, ids: np.ndarray | None = None, vectors: np.ndarray | None = None, spec: IndexSpec | None = None
+    ) -> VectorIndex:
+        """A new index of `spec` (flat by default) holding `vectors`; IVF kinds are trained on a sample of them."""
+        spec = spec or IndexSpec()
+        if spec.kind == "flat":
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        elif spec.kind == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(dim, spec.links, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = max(40, spec.links * 2)
+            index = faiss.IndexIDMap2(hnsw)
+        else:
+            quantizer = faiss.IndexFlatIP(dim)
+            if spec.kind == "ivf":
+                index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
+            else:
+                index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.code_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+            index.train(_sample(vectors, spec.nlist * TRAINING_SAMPLE))
+        built = cls(index, spec)
         if ids is not None and len(ids):
             built.add(ids, vectors)
         return built
+
+    def _apply_search_settings(self) -> None:
+        inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else self.index
+        if self.spec.kind == "hnsw":
+            inner.hnsw.efSearch = self.spec.ef_search
+        elif self.spec.kind in ("ivf", "ivfpq"):
+            inner.nprobe = self.spec.nprobe
+
+    def with_settings(self, **settings) -> VectorIndex:
+        """The same index searched with other nprobe / efSearch (tuning and benchmarks)."""
+        return VectorIndex(self.index, replace(self.spec, **settings))
 
     @property
     def count(self) -> int:
         return self.index.ntotal
 
     def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        if isinstance(self.index, faiss.IndexIDMap2):
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        lists = self.index.invlists
+        return np.concatenate(
+            [np.zeros(0, np.int64)]
+            + [
+                faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+                for number in range(self.index.nlist)
+                if lists.list_size(number)
+            ]
+        )
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
 
     def remove(self, ids: list[int]) -> None:
-        if ids:
+        if not ids:
+            return
+        if self.spec.kind != "hnsw":
             self.index.remove_ids(np.asarray(ids, dtype=np.int64))
+            return
+        # An HNSW graph cannot lose nodes: it is rebuilt from its own vectors, without them.
+        keep = self.ids()
+        vectors = self.index.index.reconstruct_n(0, self.count)
+        mask = ~np.isin(keep, np.asarray(ids, dtype=np.int64))
+        rebuilt = VectorIndex.build(vectors.shape[1], keep[mask], vectors[mask], self.spec)
+        self.index = rebuilt.index
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (queries, min(k, candidates)), best first; ids only from `allowed`."""
+        """(scores, ids), each (queries, min(k, candidates)), best first; ids only from `allowed`.
+
+        Exact for `flat`; for the other kinds, approximate: ids may be missing (-1) or not the
+        true nearest, and `ivfpq` scores are estimates (the store re-ranks them exactly).
+        """
         k = min(k, self.count if allowed is None else len(allowed))
         if k == 0:
             empty = np.zeros((len(queries), 0))
             return empty.astype(np.float32), empty.astype(np.int64)
-        params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        params = None if allowed is None else self._params(faiss.IDSelectorBatch(allowed))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+
+    def _params(self, selector) -> faiss.SearchParameters:
+        if self.spec.kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.spec.ef_search)
+        if self.spec.kind in ("ivf", "ivfpq"):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self.spec.nprobe)
+        return faiss.SearchParameters(sel=selector)
 
     def save(self, path: Path, generation: int) -> None:
         """Write atomically, then stamp: a crash in between leaves a file whose stamp disagrees."""
@@ -68,7 +175,7 @@ class VectorIndex:
         faiss.write_index(self.index, str(temporary))
         _fsync(temporary)
         os.replace(temporary, path)
-        stamp = Stamp(generation, self.count, path.stat().st_size)
+        stamp = Stamp(generation, self.count, path.stat().st_size, self.spec.to_dict())
         _write_atomically(_stamp_path(path), json.dumps(stamp.__dict__).encode())
         _fsync(path.parent)
 
@@ -96,11 +203,76 @@ class VectorIndex:
             return None, f"stale (reflects generation {stamp.generation}; its items changed at {changed})"
         try:
             index = faiss.read_index(str(path))
-        except RuntimeError as error:
+            spec = IndexSpec.from_dict(stamp.spec)
+        except (RuntimeError, TypeError) as error:
             return None, f"unreadable ({str(error).splitlines()[0]})"
         if index.ntotal != stamp.count:
             return None, f"holds {index.ntotal} vectors, stamped {stamp.count}"
-        return cls(index), ""
+        return cls(index, spec), ""
+
+
+def candidate_count(k: int) -> int:
+    """How many candidates an approximate search fetches for k hits, re-ranked exactly to pick them."""
+    return max(4 * k, k + 40)
+
+
+def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k of `ids` nearest to `query` by the exact cosine of their `vectors`: (ids, scores), best first."""
+    scores = vectors @ query
+    order = np.argsort(-scores, kind="stable")[:k]
+    return ids[order], scores[order]
+
+
+def tune(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray, target: float = 0.95, k: int = 10) -> VectorIndex:
+    """The index searched with the smallest nprobe (efSearch for hnsw) whose recall@k, after exact
+    re-ranking, reaches `target` on a sample of its own vectors as queries; the recall is recorded
+    in its spec. `ids` (sorted) and `vectors` are what it holds."""
+    rng = np.random.default_rng(1)
+    queries = vectors[rng.choice(len(vectors), min(200, len(vectors)), replace=False)]
+    truth = ids[exact_top(vectors, queries, k)]
+    if index.spec.exact:
+        return index
+    setting = "ef_search" if index.spec.kind == "hnsw" else "nprobe"
+    ladder = [16, 32, 64, 128, 256, 512, 1024] if setting == "ef_search" else _powers(index.spec.nlist)
+    for value in ladder:
+        candidate = index.with_settings(**{setting: value})
+        _, found = candidate.search(queries, candidate_count(k))
+        hits = 0
+        for query, row, expected in zip(queries, found, truth, strict=True):
+            row = row[row >= 0]
+            best, _ = rerank(query, row, vectors[np.searchsorted(ids, row)], k)
+            hits += len(np.intersect1d(best, expected))
+        recall = hits / truth.size
+        if recall >= target:
+            break
+    return candidate.with_settings(recall=recall)
+
+
+def _powers(limit: int) -> list[int]:
+    return [2**i for i in range(int(np.log2(limit)) + 1)]
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of the k most similar `vectors` for each query, by brute force (the reference)."""
+    scores = queries @ vectors.T
+    top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+    order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _sample(vectors: np.ndarray, count: int) -> np.ndarray:
+    if len(vectors) <= count:
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    rows = np.random.default_rng(0).choice(len(vectors), count, replace=False)
+    return np.ascontiguousarray(vectors[np.sort(rows)], dtype=np.float32)
+
+
+def read_spec(path: Path) -> IndexSpec:
+    """The spec a vector file was stamped with (flat when its stamp is missing or unreadable)."""
+    try:
+        return IndexSpec.from_dict(json.loads(_stamp_path(path).read_bytes()).get("spec"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return IndexSpec()
 
 
 def remove_files(path: Path) -> None:

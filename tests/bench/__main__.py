@@ -13,11 +13,12 @@ import platform
 import tempfile
 import time
 
-from tests.bench import encoder_bench, indexer_bench, moderation_bench, query_bench, server_bench
+from tests.bench import ann_bench, encoder_bench, indexer_bench, moderation_bench, query_bench, server_bench
 
 SECTIONS = {
     "encoder": encoder_bench.run,
     "query": query_bench.run,
+    "ann": ann_bench.run,
     "indexing": indexer_bench.end_to_end,
     "rescan": indexer_bench.rescan,
     "server": server_bench.run,

@@ -1,0 +1,175 @@
+"""Approximate index kinds on real catalogs and FAISS files: exact top-k after re-ranking, filters
+that still give k hits, optimize switching kinds without losing an item, and the automatic choice."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.errors import StoreError
+from indexer.models import ModelId
+from indexer.store import NewImage, Store
+from indexer.store.index_choice import FLAT_UP_TO, choose, parse_size
+from indexer.store.vectors import KINDS
+from search.index_commands import INDEX_TYPES
+
+DIM = 64
+MODEL = ModelId("demo", None, "0" * 64, DIM, 64)
+CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_index(root: Path, count: int, planted: np.ndarray, seed: int = 0) -> np.ndarray:
+    """`count` clustered vectors, and ten near copies of each planted query (their true top 10); the ids."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(50, DIM))
+    background = unit(centres[rng.integers(0, 50, count)] + 0.6 * rng.normal(size=(count, DIM)))
+    near = unit(np.repeat(planted, 10, axis=0) + 0.01 * rng.normal(size=(10 * len(planted), DIM)))
+    vectors = np.concatenate([near, background])
+    with Store.open(root, write=True, create=True) as store:
+        store.claim_model(MODEL, None)
+        with store.write() as writer:
+            ids = writer.add_images(
+                [
+                    NewImage(f"/photos/{n:06d}.jpg".encode(), 1, 1, f"{n:064x}", 1, 1, "", vector)
+                    for n, vector in enumerate(vectors)
+                ]
+            )
+    return np.asarray(ids)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return unit(np.random.default_rng(99).normal(size=(12, DIM)))
+
+
+@pytest.fixture
+def index(tmp_path, planted):
+    ids = make_index(tmp_path / "index", 4000, planted)
+    return tmp_path / "index", ids
+
+
+def brute_force(store: Store, query: np.ndarray, k: int, allowed=None):
+    ids, vectors = store.catalog.vectors("image")
+    keep = np.isin(ids, allowed) if allowed is not None else np.ones(len(ids), bool)
+    scores = vectors[keep] @ query
+    order = np.argsort(-scores, kind="stable")[:k]
+    return ids[keep][order], scores[order]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_returns_the_exact_top_k_with_true_scores(index, planted, kind):
+    root, ids = index
+    with Store.open(root, write=True) as store:
+        spec = store.optimize(kind, progress=lambda _: None)["image"]
+        assert spec.kind == kind and (spec.exact or spec.recall >= 0.95)
+    with Store.open(root) as store:
+        assert store.vectors("image").spec.kind == kind  # read back from the file
+        for number, query in enumerate(planted):
+            found, scores = store.nearest("image", query, 10)
+            assert set(found) == set(ids[10 * number : 10 * number + 10])
+            expected, exact = brute_force(store, query, 10)
+            assert list(found) == list(expected)
+            np.testing.assert_allclose(scores, exact, atol=1e-6)  # true cosines, even from PQ codes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_filters_still_give_k_hits_with_every_kind(index, planted, kind):
+    root, ids = index
+    rng = np.random.default_rng(3)
+    with Store.open(root, write=True) as store:
+        store.optimize(kind, progress=lambda _: None)
+    with Store.open(root) as store:
+        for size in (12, 300):  # a narrow filter, and a wider one
+            allowed = np.sort(rng.choice(ids, size, replace=False))
+            for query in planted[:4]:
+                found, scores = store.nearest("image", query, 10, allowed)
+                expected, exact = brute_force(store, query, 10, allowed)
+                assert len(found) == 10 and set(found) <= set(allowed)
+                assert list(found) == list(expected)
+                np.testing.assert_allclose(scores, exact, atol=1e-6)
+
+
+def test_switching_kinds_keeps_every_item_findable_and_the_files_consistent(index):
+    root, ids = index
+    sample = np.random.default_rng(4).choice(ids[100:], 100, replace=False)
+    for number, kind in enumerate(("ivf", "hnsw", "ivfpq", "flat")):
+        with Store.open(root, write=True) as store:
+            store.optimize(kind, progress=lambda _: None)
+        with Store.open(root, write=True) as store:
+            assert store.check() == []
+            for item in sample:
+                found, _ = store.nearest("image", store.catalog.embedding(int(item)), 1)
+                assert found[0] == item
+            assert store.remove([f"/photos/{number:06d}.jpg"]) == 1  # works with every kind (hnsw: a rebuild)
+            assert store.check() == [] and store.vectors("image").count == len(ids) - number - 1
+
+
+def test_a_rebuilt_vector_file_is_of_the_kind_chosen_last(index):
+    root, _ = index
+    with Store.open(root, write=True) as store:
+        store.optimize("ivf", progress=lambda _: None)
+    (root / "image.faiss").unlink()  # lost: rebuilt from the catalog, as the same kind
+    with Store.open(root) as store:
+        rebuilt = store.vectors("image").spec
+        assert rebuilt.kind == "ivf" and rebuilt.recall >= 0.95
+
+
+def run(*args):
+    return subprocess.run([CLIPSEEK, *map(str, args)], capture_output=True, text=True)
+
+
+def test_an_interrupted_optimize_leaves_the_old_files_serving(tmp_path, planted):
+    root = tmp_path / "index"
+    make_index(root, 30_000, planted)
+    assert run("optimize", "--index", root, "--index-type", "ivf").returncode == 0
+    before = run("search", "--item", 20, "--index", root, "-k", "5", "--json").stdout
+    optimize = subprocess.Popen(
+        [CLIPSEEK, "optimize", "--index", root, "--index-type", "ivfpq"], stderr=subprocess.PIPE, text=True
+    )
+    assert "building ivfpq" in optimize.stderr.readline()  # killed while it builds (PQ training takes seconds)
+    time.sleep(0.5)
+    optimize.send_signal(signal.SIGKILL)
+    optimize.wait()
+    assert run("check", "--index", root).returncode == 0
+    status = json.loads(run("status", "--index", root, "--json").stdout)
+    assert status["index_type"].startswith("images ivf (")
+    assert run("search", "--item", 20, "--index", root, "-k", "5", "--json").stdout == before
+
+
+def test_the_cli_remembers_the_index_type_and_status_shows_it(index):
+    root, _ = index
+    chosen = run("optimize", "--index", root, "--index-type", "hnsw", "--memory-budget", "1G")
+    assert chosen.returncode == 0 and chosen.stdout.startswith("images: hnsw (M 32, efSearch ")
+    status = run("status", "--index", root).stdout
+    assert "search     images hnsw (M 32, efSearch " in status and "recall@10" in status
+    again = run("optimize", "--index", root)  # the remembered setting
+    assert again.stdout.startswith("images: hnsw")
+    bad = run("optimize", "--index", root, "--memory-budget", "lots")
+    assert bad.returncode == 1 and "a memory budget is a size like 4G" in bad.stderr
+    small = run("optimize", "--index", root, "--index-type", "flat", "--memory-budget", "100k")
+    assert small.returncode == 1 and "over the memory budget" in small.stderr and "Traceback" not in small.stderr
+
+
+def test_auto_keeps_exact_search_then_clusters_then_compresses():
+    gib = 2**30
+    assert choose(10_000, 512).kind == "flat"
+    assert choose(FLAT_UP_TO, 512).kind == "flat"
+    assert choose(1_000_000, 512).kind == "ivf"  # 2 GiB of full vectors fit the default 4 GiB
+    compressed = choose(10_000_000, 512, budget=4 * gib)
+    assert compressed.kind == "ivfpq" and compressed.code_bytes == 64
+    assert choose(100_000_000, 512, budget=16 * gib).code_bytes == 64  # 7.2 GB of 72-byte entries
+    with pytest.raises(StoreError, match="over the memory budget"):
+        choose(1_000_000_000, 512, budget=4 * gib)
+    with pytest.raises(StoreError, match="needs at least"):
+        choose(100, 512, "ivf")
+    assert parse_size("4G") == 4 * gib and parse_size("512M") == 512 * 2**20 and parse_size("800k") == 800 * 1024
+    assert ("auto", *KINDS) == INDEX_TYPES
