@@ -153,7 +153,8 @@ class Indexer:
         """Bring the index up to date with the pictures under `roots`.
 
         `progress(done, total)` is called as files needing work are done; `stop`, when set,
-        ends the run after the current batch with everything so far committed.
+        ends the run after the current batch with everything so far committed. A run that
+        completes rebuilds the vector files whose kind the collection outgrew (Store.fit).
         """
         started = time.monotonic()
         roots = [os.fsencode(os.path.abspath(root)) for root in roots]
@@ -192,6 +193,8 @@ class Indexer:
                 writer.delete_items([item.id for item in missing.values()])
             report.removed += len(missing)
         self.store.flush()
+        if not report.interrupted:
+            self.store.fit()  # the collection may have outgrown its vector index kind
         report.seconds = time.monotonic() - started
         return report
 
@@ -218,6 +221,7 @@ class Indexer:
                 writer.add_captions(collection, captions)
             report.added += len(rows)
         self.store.flush()
+        self.store.fit()
         report.seconds = time.monotonic() - started
         return report
 

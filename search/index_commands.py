@@ -79,8 +79,6 @@ def index(paths, index, model, pretrained, checkpoint, download, index_type, mem
     with _open_indexer(index, model, pretrained, checkpoint, download) as indexer, _stop_on_interrupt() as stop, bar:
         indexer.store.index_setting(index_type, _budget(memory_budget))
         report = indexer.index(paths, progress=progress, stop=stop)
-        if not report.interrupted:
-            indexer.store.fit(progress=lambda message: click.echo(message, err=True))
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
@@ -125,7 +123,7 @@ def optimize(index, index_type, memory_budget):
 
     with Store.open(index_dir(index), write=True) as store:
         kind, budget = store.index_setting(index_type, _budget(memory_budget))
-        chosen = store.optimize(kind, budget, progress=lambda message: click.echo(message, err=True))
+        chosen = store.optimize(kind, budget)
     for modality, spec in chosen.items():
         click.echo(f"{modality}s: {spec.describe()}")
 

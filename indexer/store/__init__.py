@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -29,7 +30,6 @@ from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, Stored
 from indexer.store.vectors import (
     IndexSpec,
     VectorIndex,
-    candidate_count,
     read_spec,
     remove_files,
     rerank,
@@ -47,6 +47,8 @@ __all__ = [
     "StoredImage",
     "is_under",
 ]
+
+log = logging.getLogger("clipseek")
 
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
@@ -225,7 +227,7 @@ class Store:
         index = self.vectors(modality)
         if not index.spec.exact and allowed is not None and len(allowed) <= EXACT_FILTER:
             return self._reranked(allowed, vector, k)
-        scores, ids = index.search(vector[None, :], k if index.spec.exact else candidate_count(k), allowed)
+        scores, ids = index.search(vector[None, :], index.candidates(k), allowed)
         found, scores = ids[0][ids[0] >= 0], scores[0][ids[0] >= 0]
         if index.spec.exact:
             return found, scores
@@ -250,15 +252,17 @@ class Store:
                 writer.set("index_setting", setting)
         return setting.get("kind", "auto"), setting.get("budget", index_choice.DEFAULT_BUDGET)
 
-    def fit(self, progress: Callable[[str], None] = print) -> dict[str, IndexSpec]:
+    def fit(self, progress: Callable[[str], None] = log.info) -> dict[str, IndexSpec]:
         """Rebuild the vector files whose kind no longer fits: the collection outgrew exact search,
         or the index type or budget changed. What fits already is left alone (`optimize` retunes it)."""
         kind, budget = self.index_setting()
+        counts: dict[str, int] = {}
+        for modality, _, count in self.catalog.counts():
+            counts[modality] = counts.get(modality, 0) + count
         stale = [
             modality
-            for modality in MODALITIES
-            if (count := self.vectors(modality).count)
-            and index_choice.choose(count, self.model_id.dim, kind, budget).kind != self.vectors(modality).spec.kind
+            for modality, count in counts.items()
+            if index_choice.choose(count, self.model_id.dim, kind, budget).kind != self.vectors(modality).spec.kind
         ]
         return self.optimize(kind, budget, progress, stale) if stale else {}
 
@@ -266,7 +270,7 @@ class Store:
         self,
         kind: str = "auto",
         budget: int = index_choice.DEFAULT_BUDGET,
-        progress: Callable[[str], None] = print,
+        progress: Callable[[str], None] = log.info,
         modalities: Iterable[str] = MODALITIES,
     ) -> dict[str, IndexSpec]:
         """Rebuild each modality's vector file as the kind that fits it now (index_choice.choose),

@@ -99,6 +99,9 @@ class VectorIndex:
                 index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
             else:
                 index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.code_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+                # A small collection trains its 256 codes per sub-space on fewer than FAISS's advised
+                # 39 points each: coarser codes (re-ranking makes up for them), not worth a warning.
+                index.pq.cp.min_points_per_centroid = 1
             index.train(_sample(vectors, spec.nlist * TRAINING_SAMPLE))
         built = cls(index, spec)
         if ids is not None and len(ids):
@@ -169,6 +172,13 @@ class VectorIndex:
             return faiss.SearchParametersIVF(sel=selector, nprobe=self.spec.nprobe)
         return faiss.SearchParameters(sel=selector)
 
+    def candidates(self, k: int) -> int:
+        """How many candidates to fetch for k hits, to be re-ranked exactly: PQ's estimated scores
+        need a wider net than the exact ones of the full-vector kinds."""
+        if self.spec.exact:
+            return k
+        return max(20 * k, k + 200) if self.spec.kind == "ivfpq" else max(4 * k, k + 40)
+
     def save(self, path: Path, generation: int) -> None:
         """Write atomically, then stamp: a crash in between leaves a file whose stamp disagrees."""
         temporary = path.with_name(path.name + ".tmp")
@@ -211,11 +221,6 @@ class VectorIndex:
         return cls(index, spec), ""
 
 
-def candidate_count(k: int) -> int:
-    """How many candidates an approximate search fetches for k hits, re-ranked exactly to pick them."""
-    return max(4 * k, k + 40)
-
-
 def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k of `ids` nearest to `query` by the exact cosine of their `vectors`: (ids, scores), best first."""
     scores = vectors @ query
@@ -225,24 +230,26 @@ def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> t
 
 def tune(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray, target: float = 0.95, k: int = 10) -> VectorIndex:
     """The index searched with the smallest nprobe (efSearch for hnsw) whose recall@k, after exact
-    re-ranking, reaches `target` on a sample of its own vectors as queries; the recall is recorded
-    in its spec. `ids` (sorted) and `vectors` are what it holds."""
-    rng = np.random.default_rng(1)
-    queries = vectors[rng.choice(len(vectors), min(200, len(vectors)), replace=False)]
-    truth = ids[exact_top(vectors, queries, k)]
+    re-ranking, reaches `target`; the recall is recorded in its spec. The queries are a sample of
+    its own vectors, each left out of its own answers (it would be a free first hit). `ids`
+    (sorted) and `vectors` are what it holds."""
     if index.spec.exact:
         return index
+    rng = np.random.default_rng(1)
+    rows = rng.choice(len(vectors), min(200, len(vectors)), replace=False)
+    queries = vectors[rows]
+    truth = [ids[top[top != row][:k]] for row, top in zip(rows, exact_top(vectors, queries, k + 1), strict=True)]
     setting = "ef_search" if index.spec.kind == "hnsw" else "nprobe"
     ladder = [16, 32, 64, 128, 256, 512, 1024] if setting == "ef_search" else _powers(index.spec.nlist)
     for value in ladder:
         candidate = index.with_settings(**{setting: value})
-        _, found = candidate.search(queries, candidate_count(k))
+        _, found = candidate.search(queries, candidate.candidates(k + 1))
         hits = 0
-        for query, row, expected in zip(queries, found, truth, strict=True):
-            row = row[row >= 0]
+        for query, row, own, expected in zip(queries, found, ids[rows], truth, strict=True):
+            row = row[(row >= 0) & (row != own)]
             best, _ = rerank(query, row, vectors[np.searchsorted(ids, row)], k)
             hits += len(np.intersect1d(best, expected))
-        recall = hits / truth.size
+        recall = hits / (k * len(rows))
         if recall >= target:
             break
     return candidate.with_settings(recall=recall)
