@@ -14,6 +14,7 @@ is `onnx` with the export's 8-bit towers (opt-in: about twice as fast, slightly 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -62,12 +63,7 @@ def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | No
     if backend == "torch":
         return load_torch()
     folder = export_dir(model_id)
-    torch_encoder: list[Encoder] = []  # loaded at most once
-
-    def with_torch() -> Encoder:
-        if not torch_encoder:
-            torch_encoder.append(load_torch())
-        return torch_encoder[0]
+    with_torch = functools.cache(load_torch)  # loaded at most once, and only if needed
 
     def rebuild(error: ExportBrokenError) -> None:
         warnings.warn(f"{error}; exporting it again", ClipseekWarning, stacklevel=2)

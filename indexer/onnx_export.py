@@ -88,9 +88,8 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
     try:
         merges = read_merges(clip_tokenizer.default_bpe())
         (work / VOCAB).write_text("\n".join(["#version: 0.2", *merges, ""]), encoding="utf-8")
-        context = text["context_length"]
-        example = torch.tensor([[text["start"], 320, 2368, text["end_id"]] + [0] * (context - 4)] * 2)
-        length = Dim("length", min=2, max=context) if text["trim"] else None
+        example = encoder.tokenizer([PROBE_TEXT, "a dog"])
+        length = Dim("length", min=2, max=text["context_length"]) if text["trim"] else None
         text["files"] = _export(_Text(encoder.model, encoder.text_pooling), example, length, work / "text.onnx")
         side = encoder.model_id.image_size
         example = torch.zeros(2, 3, *((side, side) if isinstance(side, int) else side))
@@ -98,7 +97,6 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
         text["probe"] = encoder.embed_texts([PROBE_TEXT])[0].tolist()
         pixels = torch.from_numpy(Preprocess.from_dict(image["preprocess"])(probe_picture()))
         image["probe"] = encoder.embed_preprocessed([pixels])[0].tolist()
-        del text["start"], text["end_id"]
         manifest = {
             "format": FORMAT,
             "model": encoder.model_id.to_dict(),
@@ -131,8 +129,6 @@ def _text_settings(encoder: Encoder) -> dict:
         "trim": pooling is not None,
         "pool": pooling[1] if pooling else "argmax",
         "eos_id": eos_id(pooling[0]) if pooling else None,
-        "start": tokenizer.sot_token_id,
-        "end_id": tokenizer.eot_token_id,
     }
 
 

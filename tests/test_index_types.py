@@ -173,3 +173,21 @@ def test_auto_keeps_exact_search_then_clusters_then_compresses():
         choose(100, 512, "ivf")
     assert parse_size("4G") == 4 * gib and parse_size("512M") == 512 * 2**20 and parse_size("800k") == 800 * 1024
     assert ("auto", *KINDS) == INDEX_TYPES
+
+
+def test_fit_rebuilds_what_the_setting_outgrew_and_keeps_what_it_cannot_build(tmp_path, planted):
+    small, large = tmp_path / "small", tmp_path / "large"
+    make_index(small, 200, planted)
+    make_index(large, 4000, planted)
+    messages = []
+    with Store.open(small, write=True) as store:
+        store.index_setting("ivf")
+        assert store.fit(progress=messages.append) == {}
+    assert messages == ["images: ivf needs at least 624 vectors to train on; there are 320; the vector file stays flat"]
+    with Store.open(large, write=True) as store:
+        assert store.fit(progress=messages.append) == {}  # auto: 4,120 vectors are served best exactly
+        store.index_setting("ivf")
+        assert store.fit(progress=messages.append)["image"].kind == "ivf"
+        assert store.fit(progress=messages.append) == {}  # fits now: left alone
+    with Store.open(large) as store:
+        assert store.index_setting() == ("ivf", 4 << 30) and store.vectors("image").spec.kind == "ivf"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError
+from indexer.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, StoreError
 from indexer.models import ModelId
 from indexer.store import index_choice
 from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, StoredImage, Writer
@@ -254,16 +254,22 @@ class Store:
 
     def fit(self, progress: Callable[[str], None] = log.info) -> dict[str, IndexSpec]:
         """Rebuild the vector files whose kind no longer fits: the collection outgrew exact search,
-        or the index type or budget changed. What fits already is left alone (`optimize` retunes it)."""
+        or the index type or budget changed. What fits already is left alone (`optimize` retunes
+        it); a kind that cannot be built yet (too few vectors, too small a budget) is said, and the
+        files stay as they are."""
         kind, budget = self.index_setting()
         counts: dict[str, int] = {}
         for modality, _, count in self.catalog.counts():
             counts[modality] = counts.get(modality, 0) + count
-        stale = [
-            modality
-            for modality, count in counts.items()
-            if index_choice.choose(count, self.model_id.dim, kind, budget).kind != self.vectors(modality).spec.kind
-        ]
+        stale = []
+        for modality, count in counts.items():
+            try:
+                fits = index_choice.choose(count, self.model_id.dim, kind, budget).kind
+            except StoreError as error:
+                progress(f"{modality}s: {error}; the vector file stays {self.vectors(modality).spec.kind}")
+                continue
+            if fits != self.vectors(modality).spec.kind:
+                stale.append(modality)
         return self.optimize(kind, budget, progress, stale) if stale else {}
 
     def optimize(
