@@ -13,6 +13,7 @@ catalog, never served.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from indexer.models import ModelId
 from indexer.store import index_choice
 from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, StoredImage, Writer
 from indexer.store.vectors import (
+    ADD_BLOCK,
     IndexSpec,
     VectorIndex,
     read_spec,
@@ -288,7 +290,8 @@ class Store:
                 continue
             spec = index_choice.choose(len(ids), self.model_id.dim, kind, budget)
             progress(f"{modality}s: building {spec.kind} over {len(ids):,} vectors")
-            index = VectorIndex.build(self.model_id.dim, ids, vectors, spec)
+            added = functools.partial(_report_added, progress, modality)
+            index = VectorIndex.build(self.model_id.dim, ids, vectors, spec, added)
             if not spec.exact:
                 progress(f"{modality}s: tuning {spec.kind} to recall@10 ≥ 0.95")
                 index = tune(index, ids, vectors)
@@ -398,6 +401,11 @@ class StoreWriter:
 
     def forget_failures(self, paths: list[bytes]) -> None:
         self._writer.forget_failures(paths)
+
+
+def _report_added(progress: Callable[[str], None], modality: str, done: int, total: int) -> None:
+    if total > ADD_BLOCK:  # a line per block only where there is more than one
+        progress(f"{modality}s: {done:,} of {total:,} added ({done / total:.0%})")
 
 
 def _take_writer_lock(root: Path) -> int:
