@@ -81,7 +81,6 @@ class VectorIndex:
     def __init__(self, index: faiss.Index, spec: IndexSpec):
         self.index = index
         self.spec = spec
-        self._apply_search_settings()
 
     @classmethod
     def build(
@@ -118,13 +117,6 @@ class VectorIndex:
             if added is not None:
                 added(min(start + ADD_BLOCK, count), count)
         return built
-
-    def _apply_search_settings(self) -> None:
-        inner = faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else self.index
-        if self.spec.kind == "hnsw":
-            inner.hnsw.efSearch = self.spec.ef_search
-        elif self.spec.kind in ("ivf", "ivfpq"):
-            inner.nprobe = self.spec.nprobe
 
     def with_settings(self, **settings) -> VectorIndex:
         """The same index searched with other nprobe / efSearch (tuning and benchmarks)."""
@@ -173,10 +165,12 @@ class VectorIndex:
         if k == 0:
             empty = np.zeros((len(queries), 0))
             return empty.astype(np.float32), empty.astype(np.int64)
-        params = None if allowed is None else self._params(faiss.IDSelectorBatch(allowed))
+        selector = None if allowed is None else faiss.IDSelectorBatch(allowed)
+        params = None if self.spec.exact and selector is None else self._params(selector)
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
 
     def _params(self, selector) -> faiss.SearchParameters:
+        # Every search says its own nprobe / efSearch: indexes from with_settings share one FAISS object.
         if self.spec.kind == "hnsw":
             return faiss.SearchParametersHNSW(sel=selector, efSearch=self.spec.ef_search)
         if self.spec.kind in ("ivf", "ivfpq"):
