@@ -1,4 +1,4 @@
-"""Load a CLIP model and embed images and texts: the only module that imports torch and open_clip.
+"""Load a CLIP model and embed images and texts with torch (onnx_export.py is the only other torch importer).
 
     encoder = load_encoder("demo")                       # the bundled demo model
     encoder = load_encoder("ViT-B-32", "laion2b_s34b_b79k")  # from the local open_clip cache
@@ -38,6 +38,7 @@ from indexer.models import (
     demo_config,
     sha256_file,
 )
+from indexer.pixels import embed_in_batches
 
 __all__ = ["Encoder", "load_encoder"]
 
@@ -249,11 +250,7 @@ class Encoder:
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Embed RGB PIL images: (n, dim) float32, each row of unit length."""
-        rows = [
-            self.embed_preprocessed([self.preprocess(image) for image in images[start : start + batch_size]])
-            for start in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(rows) if rows else np.zeros((0, self.model_id.dim), np.float32)
+        return embed_in_batches(images, batch_size, self.preprocess, self.embed_preprocessed, self.model_id.dim)
 
     def embed_preprocessed(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
         """Embed one batch of images already put through `preprocess` (as the indexer's workers do)."""

@@ -25,7 +25,7 @@ from PIL import Image
 
 from indexer.errors import ModelError
 from indexer.models import ModelId
-from indexer.pixels import Preprocess
+from indexer.pixels import Preprocess, embed_in_batches
 from indexer.tokenizer import ClipTokenizer
 
 __all__ = ["FORMAT", "MANIFEST", "PROBE_TEXT", "ExportBrokenError", "OnnxEncoder", "file_checksum", "probe_picture"]
@@ -124,11 +124,7 @@ class OnnxEncoder:
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Embed RGB PIL images: (n, dim) float32, each row of unit length."""
-        rows = [
-            self.embed_preprocessed([self.preprocess(image) for image in images[start : start + batch_size]])
-            for start in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(rows) if rows else np.zeros((0, self.model_id.dim), np.float32)
+        return embed_in_batches(images, batch_size, self.preprocess, self.embed_preprocessed, self.model_id.dim)
 
     def embed_preprocessed(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Embed one batch of images already put through `preprocess`."""

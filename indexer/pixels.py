@@ -10,12 +10,13 @@ per channel. tests/test_pixels.py holds it to open_clip's transform.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["INTERPOLATIONS", "RESIZE_MODES", "Preprocess"]
+__all__ = ["INTERPOLATIONS", "RESIZE_MODES", "Preprocess", "embed_in_batches"]
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" pads instead of cropping: not ported
@@ -67,3 +68,19 @@ class Preprocess:
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+
+
+def embed_in_batches(
+    images: Sequence[Image.Image],
+    batch_size: int,
+    preprocess: Callable[[Image.Image], object],
+    embed_batch: Callable[[list], np.ndarray],
+    dim: int,
+) -> np.ndarray:
+    """Pictures preprocessed and embedded `batch_size` at a time: (n, dim) float32 rows. Both
+    runtimes' encoders embed PIL pictures this way, each with its own preprocess and model."""
+    rows = [
+        embed_batch([preprocess(image) for image in images[start : start + batch_size]])
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
