@@ -27,7 +27,7 @@ from indexer.captions import read_captions
 from indexer.config import IndexSettings, index_dir
 from indexer.errors import BadFileError, ClipseekError, ModelError
 from indexer.loader import VANISHED, FileEntry, decode_image, file_hash, walk
-from indexer.models import DEFAULT_MODEL, sha256_file
+from indexer.models import DEFAULT_MODEL
 from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
 if TYPE_CHECKING:
@@ -120,8 +120,7 @@ class Indexer:
             for asked, has in ((model, stored.architecture), (pretrained, stored.pretrained)):
                 if asked is not None and asked != has:
                     raise store.mismatch(asked)
-            if checkpoint is not None and sha256_file(checkpoint) != stored.checkpoint_sha256:
-                raise store.mismatch(checkpoint)
+            store.check_checkpoint(checkpoint)
         except BaseException:
             store.close()
             raise
@@ -232,14 +231,13 @@ def encoder_for(
     """The model an index was made with: its ONNX export where there is one (indexer.backend), else torch.
 
     Torch takes the weights from the checkpoint path the index recorded (unless `checkpoint`
-    says where the file is now), else by architecture and tag (the bundled demo model included),
-    and checks that they are the index's model.
+    says where the file is now; Indexer.open and SearchEngine.open have checked it is the
+    index's), else by architecture and tag (the bundled demo model included), and checks that
+    they are the index's model.
     """
     stored = store.model_id
     if stored is None:
         raise ClipseekError(f"the index at {store.root} has no model yet: index something into it first")
-    if checkpoint is not None and stored.checkpoint_sha256 and sha256_file(checkpoint) != stored.checkpoint_sha256:
-        raise store.mismatch(checkpoint)
 
     def load_torch() -> Encoder:
         from indexer.encoder import load_encoder  # torch: only where a model is needed

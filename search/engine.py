@@ -129,8 +129,15 @@ class SearchEngine:
 
     @classmethod
     def open(cls, index: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None) -> SearchEngine:
-        """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved."""
-        return cls(Store.open(index_dir(index)), checkpoint)
+        """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved
+        (they must be the same weights)."""
+        store = Store.open(index_dir(index))
+        try:
+            store.check_checkpoint(checkpoint)
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, checkpoint)
 
     def close(self) -> None:
         self.store.close()

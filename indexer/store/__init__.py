@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, StoreError
-from indexer.models import ModelId
+from indexer.models import ModelId, sha256_file
 from indexer.store import index_choice
 from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, StoredImage, Writer
 from indexer.store.vectors import (
@@ -130,6 +130,12 @@ class Store:
                     writer.set("model_checkpoint", str(Path(checkpoint).resolve()))
         elif stored != model_id:
             raise self.mismatch(model_id)
+
+    def check_checkpoint(self, checkpoint: str | os.PathLike | None) -> None:
+        """A checkpoint given for this index's model (say, moved) must hold its weights: same sha256."""
+        stored = self.model_id
+        if checkpoint is not None and stored is not None and sha256_file(checkpoint) != stored.checkpoint_sha256:
+            raise self.mismatch(checkpoint)
 
     def mismatch(self, asked: object) -> ModelMismatchError:
         return ModelMismatchError(
