@@ -123,9 +123,31 @@ def optimize(index, index_type, memory_budget):
 
     with Store.open(index_dir(index), write=True) as store:
         kind, budget = store.index_setting(index_type, _budget(memory_budget))
-        chosen = store.optimize(kind, budget)
+        chosen = store.optimize(kind, budget, _progress_bars())
     for modality, spec in chosen.items():
         click.echo(f"{modality}s: {spec.describe()}")
+
+
+def _progress_bars():
+    """Store progress on stderr: a bar for each phase that counts (a line where stderr is no
+    terminal), a line for each phase that does not."""
+    from tqdm import tqdm
+
+    bars = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if not total:
+            click.echo(phase, err=True)
+            return
+        if phase not in bars:
+            bars[phase] = tqdm(desc=phase, total=total, unit="vec", unit_scale=True, file=sys.stderr, disable=None)
+            if bars[phase].disable:
+                click.echo(f"{phase} {total:,} vectors", err=True)
+        bars[phase].update(done - bars[phase].n)
+        if done >= total:
+            bars[phase].close()
+
+    return progress
 
 
 @click.command("add-captions")

@@ -15,7 +15,7 @@ from indexer.errors import StoreError
 from indexer.models import ModelId
 from indexer.store import NewImage, Store
 from indexer.store.index_choice import FLAT_UP_TO, choose, parse_size
-from indexer.store.vectors import KINDS
+from indexer.store.vectors import KINDS, TuningQueries, exact_top
 from search.index_commands import INDEX_TYPES
 
 DIM = 64
@@ -69,7 +69,7 @@ def brute_force(store: Store, query: np.ndarray, k: int, allowed=None):
 def test_every_kind_returns_the_exact_top_k_with_true_scores(index, planted, kind):
     root, ids = index
     with Store.open(root, write=True) as store:
-        spec = store.optimize(kind, progress=lambda _: None)["image"]
+        spec = store.optimize(kind, progress=lambda *_: None)["image"]
         assert spec.kind == kind and (spec.exact or spec.recall >= 0.95)
     with Store.open(root) as store:
         assert store.vectors("image").spec.kind == kind  # read back from the file
@@ -86,7 +86,7 @@ def test_filters_still_give_k_hits_with_every_kind(index, planted, kind):
     root, ids = index
     rng = np.random.default_rng(3)
     with Store.open(root, write=True) as store:
-        store.optimize(kind, progress=lambda _: None)
+        store.optimize(kind, progress=lambda *_: None)
     with Store.open(root) as store:
         for size in (12, 300):  # a narrow filter, and a wider one
             allowed = np.sort(rng.choice(ids, size, replace=False))
@@ -103,7 +103,7 @@ def test_switching_kinds_keeps_every_item_findable_and_the_files_consistent(inde
     sample = np.random.default_rng(4).choice(ids[100:], 100, replace=False)
     for number, kind in enumerate(("ivf", "hnsw", "ivfpq", "flat")):
         with Store.open(root, write=True) as store:
-            store.optimize(kind, progress=lambda _: None)
+            store.optimize(kind, progress=lambda *_: None)
         with Store.open(root, write=True) as store:
             assert store.check() == []
             for item in sample:
@@ -116,7 +116,7 @@ def test_switching_kinds_keeps_every_item_findable_and_the_files_consistent(inde
 def test_a_rebuilt_vector_file_is_of_the_kind_chosen_last(index):
     root, _ = index
     with Store.open(root, write=True) as store:
-        store.optimize("ivf", progress=lambda _: None)
+        store.optimize("ivf", progress=lambda *_: None)
     (root / "image.faiss").unlink()  # lost: rebuilt from the catalog, as the same kind
     with Store.open(root) as store:
         rebuilt = store.vectors("image").spec
@@ -135,7 +135,7 @@ def test_an_interrupted_optimize_leaves_the_old_files_serving(tmp_path, planted)
     optimize = subprocess.Popen(
         [CLIPSEEK, "optimize", "--index", root, "--index-type", "ivfpq"], stderr=subprocess.PIPE, text=True
     )
-    assert "building ivfpq" in optimize.stderr.readline()  # killed while it builds (PQ training takes seconds)
+    assert "training ivfpq" in optimize.stderr.readline()  # killed while it builds (PQ training takes seconds)
     time.sleep(0.5)
     optimize.send_signal(signal.SIGKILL)
     optimize.wait()
@@ -149,6 +149,8 @@ def test_the_cli_remembers_the_index_type_and_status_shows_it(index):
     root, _ = index
     chosen = run("optimize", "--index", root, "--index-type", "hnsw", "--memory-budget", "1G")
     assert chosen.returncode == 0 and chosen.stdout.startswith("images: hnsw (M 32, efSearch ")
+    phases = ["images: building hnsw", "images: adding 4,120 vectors", "images: tuning to recall@10 ≥ 0.95"]
+    assert chosen.stderr.splitlines() == phases  # lines, as stderr is no terminal here
     status = run("status", "--index", root).stdout
     assert "search     images hnsw (M 32, efSearch " in status and "recall@10" in status
     again = run("optimize", "--index", root)  # the remembered setting
@@ -182,12 +184,67 @@ def test_fit_rebuilds_what_the_setting_outgrew_and_keeps_what_it_cannot_build(tm
     messages = []
     with Store.open(small, write=True) as store:
         store.index_setting("ivf")
-        assert store.fit(progress=messages.append) == {}
+        assert store.fit(progress=lambda phase, *_: messages.append(phase)) == {}
     assert messages == ["images: ivf needs at least 624 vectors to train on; there are 320; the vector file stays flat"]
     with Store.open(large, write=True) as store:
-        assert store.fit(progress=messages.append) == {}  # auto: 4,120 vectors are served best exactly
+        assert (
+            store.fit(progress=lambda phase, *_: messages.append(phase)) == {}
+        )  # auto: 4,120 vectors are served best exactly
         store.index_setting("ivf")
-        assert store.fit(progress=messages.append)["image"].kind == "ivf"
-        assert store.fit(progress=messages.append) == {}  # fits now: left alone
+        assert store.fit(progress=lambda phase, *_: messages.append(phase))["image"].kind == "ivf"
+        assert store.fit(progress=lambda phase, *_: messages.append(phase)) == {}  # fits now: left alone
     with Store.open(large) as store:
         assert store.index_setting() == ("ivf", 4 << 30) and store.vectors("image").spec.kind == "ivf"
+
+
+def test_tuning_widens_the_shortlist_when_pq_codes_cannot_order_the_neighbours(tmp_path):
+    # Vectors without structure and 8-byte codes (all a 100 kB budget holds): however many clusters
+    # are probed, the best 200 by PQ's estimate miss true neighbours, so more are re-ranked.
+    rng = np.random.default_rng(5)
+    with Store.open(tmp_path / "index", write=True, create=True) as store:
+        store.claim_model(MODEL, None)
+        with store.write() as writer:
+            vectors = unit(rng.normal(size=(6000, DIM)))
+            writer.add_images(
+                [NewImage(f"/p/{n}.jpg".encode(), 1, 1, f"{n:064x}", 1, 1, "", v) for n, v in enumerate(vectors)]
+            )
+        spec = store.optimize("ivfpq", 100_000, progress=lambda *_: None)["image"]
+        assert spec.code_bytes == 8 and spec.shortlist > 200 and spec.recall >= 0.95
+        hits = 0
+        for query in unit(rng.normal(size=(50, DIM))):  # fresh queries, not the tuning sample
+            found, _ = store.nearest("image", query, 10)
+            hits += len(np.intersect1d(found, brute_force(store, query, 10)[0]))
+        assert hits / 500 >= 0.9
+
+
+def test_rebuilds_read_the_catalog_in_blocks_and_gather_the_exact_neighbours(index):
+    root, ids = index
+    with Store.open(root) as store:
+        all_ids, vectors = store.catalog.vectors("image")
+        blocks = list(store.catalog.vector_blocks("image", 333))
+    assert len(blocks) == 13 and all(len(block_ids) == 333 for block_ids, _ in blocks[:-1])
+    assert np.array_equal(np.concatenate([b for b, _ in blocks]), all_ids) and np.array_equal(all_ids, np.sort(ids))
+    queries = TuningQueries.drawn(all_ids, vectors, count=30)
+    for block_ids, block in blocks:
+        queries.update(block_ids, block)
+    for own, query, truth in zip(queries.ids, queries.queries, queries.truth(), strict=True):
+        rows = exact_top(vectors, query[None], 11)[0]
+        assert list(truth) == [i for i in all_ids[rows] if i != own][:10]  # itself left out
+
+
+def test_a_bulk_load_leaves_the_vector_files_to_fit_and_nothing_stale_is_served(index, planted):
+    root, ids = index
+    extra = unit(planted[:1] + 0.001 * np.random.default_rng(6).normal(size=(3000, DIM)))
+    with Store.open(root, write=True) as store:
+        store.index_setting("ivf")
+        with store.write(index_vectors=False) as writer:  # the catalog only: no vector file changes
+            added = writer.add_images(
+                [NewImage(f"/bulk/{n}.jpg".encode(), 1, 1, f"b{n:063x}", 1, 1, "", v) for n, v in enumerate(extra)]
+            )
+        with Store.open(root) as reader:  # meanwhile: the stale file is not served, a rebuild is
+            assert reader.check() and set(reader.nearest("image", planted[0], 10)[0]) <= set(added)
+        assert store.fit(progress=lambda *_: None)["image"].kind == "ivf"
+        assert store.check() == []
+    with Store.open(root) as store:
+        assert store.vectors("image").count == len(ids) + len(extra)
+        assert set(store.nearest("image", planted[1], 10)[0]) == set(ids[10:20])

@@ -13,7 +13,6 @@ catalog, never served.
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -31,10 +30,12 @@ from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, Stored
 from indexer.store.vectors import (
     ADD_BLOCK,
     IndexSpec,
+    TuningQueries,
     VectorIndex,
     read_spec,
     remove_files,
     rerank,
+    training_size,
     tune,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "IndexSpec",
     "NewCaption",
     "NewImage",
+    "Progress",
     "Store",
     "StoreStatus",
     "StoredImage",
@@ -55,6 +57,19 @@ log = logging.getLogger("clipseek")
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
 EXACT_FILTER = 20_000  # filters matching at most this many items are searched exactly (~40 MB of embeddings at 512-d)
+
+# A long rebuild reports (phase, done, total) as it goes, e.g. ("images: adding", 300_000, 1_000_000);
+# a phase with nothing to count reports total 0.
+Progress = Callable[[str, int, int], None]
+
+
+def log_progress(phase: str, done: int, total: int) -> None:
+    """Progress as log lines: a phase without a count as it starts; adding, a line per block when
+    there are several (a small rebuild says nothing)."""
+    if not total:
+        log.info("%s", phase)
+    elif total > ADD_BLOCK and done:
+        log.info("%s: %s of %s (%.0f%%)", phase, f"{done:,}", f"{total:,}", 100 * done / total)
 
 
 @dataclass(frozen=True)
@@ -146,11 +161,21 @@ class Store:
     # -- writing ---------------------------------------------------------------------------
 
     @contextmanager
-    def write(self) -> Iterator[StoreWriter]:
-        """One catalog transaction; after it commits, the vector indexes get the same change."""
+    def write(self, index_vectors: bool = True) -> Iterator[StoreWriter]:
+        """One catalog transaction; after it commits, the vector indexes get the same change.
+
+        A bulk load passes index_vectors=False: only the catalog changes, so nothing is held in
+        memory beyond the batch, and the vector files of the modalities it changed go stale, to be
+        rebuilt from the catalog, as the kind that fits, by the next fit() or optimize().
+        """
         with self.catalog.write() as writer:
-            store_writer = StoreWriter(writer, self.vectors)
+            store_writer = StoreWriter(writer, self.vectors if index_vectors else None)
             yield store_writer
+        if not index_vectors:
+            for modality in writer.modalities:
+                self._vectors.pop(modality, None)
+                self._dirty.discard(modality)
+            return
         for modality, (ids, vectors) in store_writer.added.items():
             self.vectors(modality).add(np.asarray(ids), np.stack(vectors))
             self._dirty.add(modality)
@@ -207,16 +232,47 @@ class Store:
         changed = self.catalog.vectors_changed(modality)
         return VectorIndex.load(self._vector_path(modality), changed, self.catalog.generation())
 
-    def _rebuild(self, modality: str) -> VectorIndex:
+    def _rebuild(self, modality: str, progress: Progress = log_progress) -> VectorIndex:
         """A modality's vector index from the catalog, of the kind last chosen for it (flat when
         there are too few vectors left to train that kind)."""
-        ids, vectors = self.catalog.vectors(modality)
         spec = IndexSpec.from_dict(json.loads(self.catalog.get(f"index_spec.{modality}") or "null"))
-        if not spec.exact and len(ids) < (spec.nlist or 0) * index_choice.MIN_PER_CLUSTER + 1:
+        count = self._counts()[modality]
+        if not spec.exact and count < (spec.nlist or 0) * index_choice.MIN_PER_CLUSTER + 1:
             spec = IndexSpec()
-        if spec.exact or not len(ids):
-            return VectorIndex.build(self.model_id.dim, ids, vectors)
-        return tune(VectorIndex.build(self.model_id.dim, ids, vectors, spec), ids, vectors)
+        return self._build(modality, spec, count, progress)
+
+    def _build(self, modality: str, spec: IndexSpec, count: int, progress: Progress) -> VectorIndex:
+        """A vector index of `spec` over the catalog's embeddings of `modality`, streamed from it in
+        blocks: memory holds the index and one block, never every embedding at once. IVF kinds
+        are trained on a sample first; approximate kinds are then tuned (see vectors.tune).
+        `count`, the modality's items, is for progress."""
+        name = f"{modality}s"
+        training, queries = None, None
+        if not spec.exact:
+            ids, training = self.catalog.vector_sample(modality, max(training_size(spec), 200))
+            queries = TuningQueries.drawn(ids, training)
+            progress(f"{name}: training {spec.kind}" if spec.nlist else f"{name}: building {spec.kind}", 0, 0)
+        index = VectorIndex.empty(self.model_id.dim, spec, training)
+        del training
+        done = 0
+        progress(f"{name}: adding", 0, count)
+        for ids, vectors in self.catalog.vector_blocks(modality, ADD_BLOCK):
+            index.add(ids, vectors)
+            if queries is not None:
+                queries.update(ids, vectors)
+            done += len(ids)
+            progress(f"{name}: adding", done, max(count, done))
+        if queries is None or not done:
+            return index
+        progress(f"{name}: tuning to recall@10 ≥ 0.95", 0, 0)
+        return tune(index, queries, self.catalog.embeddings_of)
+
+    def _counts(self) -> dict[str, int]:
+        """Items per modality (one scan of the catalog: seconds at ten million items)."""
+        counts = dict.fromkeys(MODALITIES, 0)
+        for modality, _, count in self.catalog.counts():
+            counts[modality] += count
+        return counts
 
     # -- searching -------------------------------------------------------------------------
 
@@ -260,47 +316,49 @@ class Store:
                 writer.set("index_setting", setting)
         return setting.get("kind", "auto"), setting.get("budget", index_choice.DEFAULT_BUDGET)
 
-    def fit(self, progress: Callable[[str], None] = log.info) -> dict[str, IndexSpec]:
-        """Rebuild the vector files whose kind no longer fits: the collection outgrew exact search,
-        or the index type or budget changed. What fits already is left alone (`optimize` retunes
-        it); a kind that cannot be built yet (too few vectors, too small a budget) is said, and the
-        files stay as they are."""
+    def fit(self, progress: Progress = log_progress) -> dict[str, IndexSpec]:
+        """Rebuild the vector files that are stale (after a bulk load) or whose kind no longer fits:
+        the collection outgrew exact search, or the index type or budget changed. What fits
+        already is left alone (`optimize` retunes it); a kind that cannot be built yet (too few
+        vectors, too small a budget) is said, and the files stay as they are."""
         kind, budget = self.index_setting()
-        counts: dict[str, int] = {}
-        for modality, _, count in self.catalog.counts():
-            counts[modality] = counts.get(modality, 0) + count
-        stale = []
+        counts = self._counts()
+        rebuild = []
         for modality, count in counts.items():
+            current = self._vectors.get(modality) or self._load(modality)[0]
+            if current is not None:
+                self._vectors[modality] = current
+            elif not count:
+                continue
             try:
                 fits = index_choice.choose(count, self.model_id.dim, kind, budget).kind
             except StoreError as error:
-                progress(f"{modality}s: {error}; the vector file stays {self.vectors(modality).spec.kind}")
+                stays = current.spec.kind if current is not None else "as last built"
+                progress(f"{modality}s: {error}; the vector file stays {stays}", 0, 0)
                 continue
-            if fits != self.vectors(modality).spec.kind:
-                stale.append(modality)
-        return self.optimize(kind, budget, progress, stale) if stale else {}
+            if current is None or fits != current.spec.kind:
+                rebuild.append(modality)
+        return self.optimize(kind, budget, progress, rebuild, counts) if rebuild else {}
 
     def optimize(
         self,
         kind: str = "auto",
         budget: int = index_choice.DEFAULT_BUDGET,
-        progress: Callable[[str], None] = log.info,
+        progress: Progress = log_progress,
         modalities: Iterable[str] = MODALITIES,
+        counts: dict[str, int] | None = None,
     ) -> dict[str, IndexSpec]:
         """Rebuild each modality's vector file as the kind that fits it now (index_choice.choose),
         tuned to recall@10 ≥ 0.95; the old file serves readers until the new one replaces it."""
+        counts = counts or self._counts()
         chosen = {}
         for modality in modalities:
-            ids, vectors = self.catalog.vectors(modality)
-            if not len(ids):
+            count = counts[modality]
+            if not count:
                 continue
-            spec = index_choice.choose(len(ids), self.model_id.dim, kind, budget)
-            progress(f"{modality}s: building {spec.kind} over {len(ids):,} vectors")
-            added = functools.partial(_report_added, progress, modality)
-            index = VectorIndex.build(self.model_id.dim, ids, vectors, spec, added)
-            if not spec.exact:
-                progress(f"{modality}s: tuning {spec.kind} to recall@10 ≥ 0.95")
-                index = tune(index, ids, vectors)
+            self._vectors.pop(modality, None)  # the old index's memory, free for the new one
+            spec = index_choice.choose(count, self.model_id.dim, kind, budget)
+            index = self._build(modality, spec, count, progress)
             with self.catalog.write() as writer:  # first: a rebuild after a crash makes this kind again
                 writer.set(f"index_spec.{modality}", index.spec.to_dict())
             self._vectors[modality] = index
@@ -358,16 +416,18 @@ class Store:
 class StoreWriter:
     """The changes of one Store.write() transaction, mirrored into the vector indexes on commit."""
 
-    def __init__(self, writer: Writer, vector_index: Callable[[str], VectorIndex]):
+    def __init__(self, writer: Writer, vector_index: Callable[[str], VectorIndex] | None):
         self._writer = writer
         # A modality's vector index is loaded (or rebuilt from the catalog, which does not yet
         # see this transaction) before its first change, so the change is applied exactly once.
-        self._load_vectors = vector_index
+        # None: a bulk load, which leaves the vector files to be rebuilt.
+        self._load_vectors = vector_index or (lambda modality: None)
+        self._bulk = vector_index is None
         self.added: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         self.removed: list[int] = []
 
     def _added(self, modality: str, ids: list[int], vectors: list[np.ndarray]) -> list[int]:
-        if not ids:
+        if not ids or self._bulk:
             return ids
         known_ids, known_vectors = self.added.setdefault(modality, ([], []))
         known_ids.extend(ids)
@@ -407,11 +467,6 @@ class StoreWriter:
 
     def forget_failures(self, paths: list[bytes]) -> None:
         self._writer.forget_failures(paths)
-
-
-def _report_added(progress: Callable[[str], None], modality: str, done: int, total: int) -> None:
-    if total > ADD_BLOCK:  # a line per block only where there is more than one
-        progress(f"{modality}s: {done:,} of {total:,} added ({done / total:.0%})")
 
 
 def _take_writer_lock(root: Path) -> int:

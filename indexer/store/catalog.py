@@ -164,6 +164,9 @@ class Catalog:
 
     def _migrate(self) -> None:
         with self.engine.begin() as connection:
+            # 16 KiB pages hold seven 512-d float32 embeddings (88% full); SQLite's default 4 KiB pages
+            # hold one, half empty. It only takes effect on a new file, before WAL mode is set.
+            connection.exec_driver_sql("PRAGMA page_size = 16384")
             connection.exec_driver_sql("PRAGMA journal_mode = WAL")
             version = connection.exec_driver_sql("PRAGMA user_version").scalar()
             if version > SCHEMA_VERSION:
@@ -205,10 +208,19 @@ class Catalog:
         """A large read as plain tuples straight from the driver. The SQL is still compiled by
         SQLAlchemy, with bound parameters; its Row objects cost more than the query itself for
         the 100,000s of rows a rescan reads (0.3 s against 0.09 s per 100,000, measured)."""
+        with self._driver_cursor(query) as cursor:
+            return cursor.fetchall()
+
+    @contextmanager
+    def _driver_cursor(self, query) -> Iterator:
         compiled = query.compile(dialect=self.engine.dialect)
         parameters = [compiled.params[name] for name in compiled.positiontup]
         with self.engine.connect() as connection:
-            return connection.connection.driver_connection.execute(str(compiled), parameters).fetchall()
+            cursor = connection.connection.driver_connection.execute(str(compiled), parameters)
+            try:
+                yield cursor
+            finally:
+                cursor.close()
 
     def failures(self) -> dict[bytes, tuple[int, int]]:
         """Failed files and the (size, mtime_ns) they failed with."""
@@ -223,19 +235,31 @@ class Catalog:
             return [tuple(row) for row in connection.execute(query)]
 
     def vectors(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        """All ids and embeddings of one modality, ordered by id."""
+        """All ids and embeddings of one modality, ordered by id (in memory at once: small indexes and tests)."""
+        blocks = list(self.vector_blocks(modality, 100_000))
+        if not blocks:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return np.concatenate([ids for ids, _ in blocks]), np.concatenate([vectors for _, vectors in blocks])
+
+    def vector_blocks(self, modality: str, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (ids, embeddings) of one modality, ordered by id, `size` rows at a time: one query,
+        so one consistent snapshot, read in bounded memory however large the collection."""
         query = (
             select(embeddings.c.item_id, embeddings.c.vector)
             .join(items, items.c.id == embeddings.c.item_id)
             .where(items.c.modality == modality)
             .order_by(embeddings.c.item_id)
         )
-        with self.engine.connect() as connection:
-            rows = connection.execute(query).all()
-        ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-        if not rows:
-            return ids, np.zeros((0, 0), np.float32)
-        return ids, np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), -1)
+        with self._driver_cursor(query) as cursor:
+            while rows := cursor.fetchmany(size):
+                yield _unpacked(rows)
+
+    def vector_sample(self, modality: str, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, embeddings) of `count` items of one modality drawn at random (all when fewer), by id."""
+        ids = np.sort(self.matching_ids(modality, Filters()))
+        if len(ids) > count:
+            ids = np.sort(np.random.default_rng(seed).choice(ids, count, replace=False))
+        return self.embeddings_of(ids)
 
     def image_like(self, sha256: str) -> NewImage | None:
         """A stored picture with this content, to reuse its embedding and metadata for a copy."""
@@ -264,8 +288,7 @@ class Catalog:
         present = [i for i in asked if i in found]
         if not present:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        vectors = np.frombuffer(b"".join(found[i] for i in present), dtype="<f4").reshape(len(present), -1)
-        return np.asarray(present, dtype=np.int64), vectors
+        return _unpacked([(i, found[i]) for i in present])
 
     def embedding(self, item_id: int) -> np.ndarray | None:
         with self.engine.connect() as connection:
@@ -356,6 +379,12 @@ class Catalog:
                 )
 
 
+def _unpacked(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 embeddings) from (item_id, blob) rows."""
+    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    return ids, np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), -1)
+
+
 class Writer:
     """The changes one transaction can make; see Catalog.write."""
 
@@ -371,7 +400,11 @@ class Writer:
 
     def _add_items(self, rows: list[dict], vectors: Iterable[np.ndarray]) -> list[int]:
         self.modalities.update(row["modality"] for row in rows)
-        ids = [self.connection.execute(insert(items).values(**row)).inserted_primary_key[0] for row in rows]
+        # One statement for the whole batch (SQLAlchemy's insertmanyvalues), ids in the rows' order:
+        # eight times faster than a statement per row (measured on 20,000 captions).
+        ids = list(
+            self.connection.execute(insert(items).returning(items.c.id, sort_by_parameter_order=True), rows).scalars()
+        )
         self.connection.execute(
             insert(embeddings),
             [{"item_id": i, "vector": v.astype("<f4").tobytes()} for i, v in zip(ids, vectors, strict=True)],

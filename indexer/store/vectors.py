@@ -37,6 +37,7 @@ class IndexSpec:
     links: int | None = None  # hnsw: neighbours per node (M)
     ef_search: int | None = None  # hnsw: candidate list while searching
     code_bytes: int | None = None  # ivfpq: bytes per vector
+    shortlist: int | None = None  # approximate kinds: candidates re-ranked exactly for 10 hits
     recall: float | None = None  # recall@10 against exact search, measured when it was built
 
     @property
@@ -56,8 +57,18 @@ class IndexSpec:
             "ivf": f"nlist {self.nlist}, nprobe {self.nprobe}",
             "ivfpq": f"nlist {self.nlist}, nprobe {self.nprobe}, {self.code_bytes}-byte codes",
         }[self.kind]
+        if not self.exact:
+            settings += f", best {self.candidates(10)} re-ranked"
         measured = f"; recall@10 {self.recall:.3f} when built" if self.recall is not None else ""
         return f"{self.kind} ({settings}{measured})"
+
+    def candidates(self, k: int) -> int:
+        """How many candidates to fetch for k hits, to be re-ranked exactly: PQ's estimated scores
+        need a wider net than the exact ones of the full-vector kinds."""
+        if self.exact:
+            return k
+        shortlist = self.shortlist or (200 if self.kind == "ivfpq" else 40)
+        return max(shortlist * k // 10, shortlist)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,11 +100,17 @@ class VectorIndex:
         ids: np.ndarray | None = None,
         vectors: np.ndarray | None = None,
         spec: IndexSpec | None = None,
-        added: Callable[[int, int], None] | None = None,
     ) -> VectorIndex:
-        """A new index of `spec` (flat by default) holding `vectors`; IVF kinds are trained on a
-        sample of them. They are added in blocks, `added(done, total)` called after each."""
+        """A new index of `spec` (flat by default) holding `vectors`; IVF kinds are trained on a sample of them."""
         spec = spec or IndexSpec()
+        built = cls.empty(dim, spec, None if spec.kind in ("flat", "hnsw") else _sample(vectors, training_size(spec)))
+        for start in range(0, 0 if ids is None else len(ids), ADD_BLOCK):
+            built.add(ids[start : start + ADD_BLOCK], vectors[start : start + ADD_BLOCK])
+        return built
+
+    @classmethod
+    def empty(cls, dim: int, spec: IndexSpec, training: np.ndarray | None = None) -> VectorIndex:
+        """An index of `spec` holding nothing yet; IVF kinds are trained on `training` (see training_size)."""
         if spec.kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         elif spec.kind == "hnsw":
@@ -109,14 +126,8 @@ class VectorIndex:
                 # A small collection trains its 256 codes per sub-space on fewer than FAISS's advised
                 # 39 points each: coarser codes (re-ranking makes up for them), not worth a warning.
                 index.pq.cp.min_points_per_centroid = 1
-            index.train(_sample(vectors, spec.nlist * TRAINING_SAMPLE))
-        built = cls(index, spec)
-        count = 0 if ids is None else len(ids)
-        for start in range(0, count, ADD_BLOCK):
-            built.add(ids[start : start + ADD_BLOCK], vectors[start : start + ADD_BLOCK])
-            if added is not None:
-                added(min(start + ADD_BLOCK, count), count)
-        return built
+            index.train(np.ascontiguousarray(training, dtype=np.float32))
+        return cls(index, spec)
 
     def with_settings(self, **settings) -> VectorIndex:
         """The same index searched with other nprobe / efSearch (tuning and benchmarks)."""
@@ -178,11 +189,7 @@ class VectorIndex:
         return faiss.SearchParameters(sel=selector)
 
     def candidates(self, k: int) -> int:
-        """How many candidates to fetch for k hits, to be re-ranked exactly: PQ's estimated scores
-        need a wider net than the exact ones of the full-vector kinds."""
-        if self.spec.exact:
-            return k
-        return max(20 * k, k + 200) if self.spec.kind == "ivfpq" else max(4 * k, k + 40)
+        return self.spec.candidates(k)
 
     def save(self, path: Path, generation: int) -> None:
         """Write atomically, then stamp: a crash in between leaves a file whose stamp disagrees."""
@@ -233,36 +240,103 @@ def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> t
     return ids[order], scores[order]
 
 
-def tune(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray, target: float = 0.95, k: int = 10) -> VectorIndex:
-    """The index searched with the smallest nprobe (efSearch for hnsw) whose recall@k, after exact
-    re-ranking, reaches `target`; the recall is recorded in its spec. The queries are a sample of
-    its own vectors, each left out of its own answers (it would be a free first hit). `ids`
-    (sorted) and `vectors` are what it holds."""
+class TuningQueries:
+    """Queries drawn from an index's own vectors, with their exact neighbours gathered block by
+    block as the vectors are added: the reference that tune() measures recall against."""
+
+    def __init__(self, ids: np.ndarray, queries: np.ndarray, k: int = 10):
+        self.ids, self.queries, self.k = ids, np.ascontiguousarray(queries, dtype=np.float32), k
+        # k + 1: each query finds itself, a free first hit that is left out of its answers.
+        self._scores = np.full((len(ids), k + 1), -np.inf, np.float32)
+        self._found = np.full((len(ids), k + 1), -1, np.int64)
+
+    @classmethod
+    def drawn(cls, ids: np.ndarray, vectors: np.ndarray, count: int = 200, seed: int = 1) -> TuningQueries:
+        """`count` of these vectors, chosen at random, as queries."""
+        rows = np.random.default_rng(seed).choice(len(ids), min(count, len(ids)), replace=False)
+        return cls(ids[rows], vectors[rows])
+
+    def update(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        scores = self.queries @ np.asarray(vectors, np.float32).T
+        found = np.broadcast_to(ids, scores.shape)
+        if scores.shape[1] > self.k + 1:  # the block's best k + 1 first: a partition, not a sort
+            best = np.argpartition(-scores, self.k, axis=1)[:, : self.k + 1]
+            scores, found = np.take_along_axis(scores, best, axis=1), np.take_along_axis(found, best, axis=1)
+        scores = np.concatenate([self._scores, scores], axis=1)
+        found = np.concatenate([self._found, found], axis=1)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, : self.k + 1]
+        self._scores, self._found = np.take_along_axis(scores, top, axis=1), np.take_along_axis(found, top, axis=1)
+
+    def truth(self) -> list[np.ndarray]:
+        return [row[row != own][: self.k] for row, own in zip(self._found, self.ids, strict=True)]
+
+
+Embeddings = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ids → (ids found, their vectors)
+
+
+def tune(index: VectorIndex, queries: TuningQueries, embeddings: Embeddings, target: float = 0.95) -> VectorIndex:
+    """The index searched with the cheapest settings whose recall@k, after exact re-ranking,
+    reaches `target`; the recall is recorded in its spec.
+
+    The walk raises nprobe (efSearch for hnsw) while that helps; for ivfpq, whose codes may be too
+    coarse to bring the true neighbours into a short list however many clusters are probed, it
+    then widens the list of candidates re-ranked. `embeddings` gives the exact vectors of
+    candidates, as the store's catalog does when it answers a query.
+    """
     if index.spec.exact:
         return index
-    rng = np.random.default_rng(1)
-    rows = rng.choice(len(vectors), min(200, len(vectors)), replace=False)
-    queries = vectors[rows]
-    truth = [ids[top[top != row][:k]] for row, top in zip(rows, exact_top(vectors, queries, k + 1), strict=True)]
+    truth = queries.truth()
     setting = "ef_search" if index.spec.kind == "hnsw" else "nprobe"
     ladder = [16, 32, 64, 128, 256, 512, 1024] if setting == "ef_search" else _powers(index.spec.nlist)
-    measured = []
-    for value in ladder:
-        candidate = index.with_settings(**{setting: value})
-        _, found = candidate.search(queries, candidate.candidates(k + 1))
-        hits = 0
-        for query, row, own, expected in zip(queries, found, ids[rows], truth, strict=True):
-            row = row[(row >= 0) & (row != own)]
-            best, _ = rerank(query, row, vectors[np.searchsorted(ids, row)], k)
-            hits += len(np.intersect1d(best, expected))
-        measured.append((value, hits / (k * len(rows))))
-        if measured[-1][1] >= target:
+    shortlists = SHORTLISTS if index.spec.kind == "ivfpq" else [index.spec.candidates(10)]
+    step, width, move, stalls = 0, 0, "probe", 0
+    measured: list[tuple[dict, float]] = []
+    while True:
+        settings = {setting: ladder[step], "shortlist": shortlists[width]}
+        recall = _recall(index.with_settings(**settings), queries, truth, embeddings)
+        measured.append((settings, recall))
+        if recall >= target:
             break
-    # Short of the target (PQ codes too coarse to order the candidates), more probes stop helping:
-    # the smallest setting within 0.005 of the best recall seen.
+        # A move that gains little turns to the other one; when neither helps any more, stop.
+        stalled = len(measured) > 1 and recall - measured[-2][1] < 0.005
+        stalls = stalls + 1 if stalled else 0
+        if stalled:
+            move = "widen" if move == "probe" else "probe"
+        if move == "widen" and width + 1 == len(shortlists):
+            move = "probe"
+        if move == "probe" and step + 1 == len(ladder):
+            move = "widen" if width + 1 < len(shortlists) else None
+        if move is None or stalls == 3:
+            break
+        step, width = (step + 1, width) if move == "probe" else (step, width + 1)
+    # Short of the target: the cheapest setting seen within 0.005 of the best recall.
     top = max(recall for _, recall in measured)
-    value, recall = next((v, r) for v, r in measured if r >= min(target, top - 0.005))
-    return index.with_settings(**{setting: value, "recall": recall})
+    settings, recall = next((s, r) for s, r in measured if r >= min(target, top - 0.005))
+    return index.with_settings(**settings, recall=recall)
+
+
+SHORTLISTS = [200, 500, 1000, 2000]  # ivfpq: candidates re-ranked for 10 hits, tried in this order
+
+
+def _recall(index: VectorIndex, queries: TuningQueries, truth: list[np.ndarray], embeddings: Embeddings) -> float:
+    k = queries.k
+    hits = 0
+    for start in range(0, len(queries.ids), 50):  # the candidates' vectors for 50 queries at a time
+        block = slice(start, start + 50)
+        _, found = index.search(queries.queries[block], index.candidates(k + 1))
+        known, vectors = embeddings(np.unique(found[found >= 0]))
+        for query, row, own, expected in zip(
+            queries.queries[block], found, queries.ids[block], truth[block], strict=True
+        ):
+            row = row[np.isin(row, known) & (row != own)]
+            best, _ = rerank(query, row, vectors[np.searchsorted(known, row)], k)
+            hits += len(np.intersect1d(best, expected))
+    return hits / (k * len(queries.ids))
+
+
+def training_size(spec: IndexSpec) -> int:
+    """How many vectors an IVF kind is trained on."""
+    return (spec.nlist or 0) * TRAINING_SAMPLE
 
 
 def _powers(limit: int) -> list[int]:

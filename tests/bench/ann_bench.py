@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.store.index_choice import DEFAULT_BUDGET, choose
-from indexer.store.vectors import VectorIndex, exact_top, rerank, tune
+from indexer.store.vectors import TuningQueries, VectorIndex, exact_top, rerank, tune
 
 DIM = 512
 LARGE, TABLE = 1_000_000, 200_000
@@ -61,7 +61,9 @@ def _built(spec, vectors: np.ndarray) -> tuple[VectorIndex, float, float]:
     ids = np.arange(len(vectors))
     started = time.perf_counter()
     index = VectorIndex.build(DIM, ids, vectors, spec)
-    index = tune(index, ids, vectors)
+    queries = TuningQueries.drawn(ids, vectors)  # as the store tunes, its catalog being these arrays
+    queries.update(ids, vectors)
+    index = tune(index, queries, lambda wanted: (wanted, vectors[wanted]))
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "vectors.faiss"
