@@ -45,3 +45,24 @@ class IndexSettings:
 
     batch_size: int = 32  # images per model call and per committed transaction
     workers: int = max(1, min(4, os.cpu_count() or 1))  # decoding threads, overlapping the model
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """How `clipseek index --ray` runs: where Ray is, and how many model actors embed."""
+
+    address: str | None = None  # None: start a local Ray on this machine for the run
+    workers: int = 1  # model actors (one model load each)
+    batch_size: int = 32  # pictures per decoding task call and per model call
+    fetch_timeout: float = 20.0  # seconds for a whole download of a listed URL
+    fetch_max_bytes: int = 64 << 20  # larger pictures are recorded as failures, not read
+
+
+@dataclass(frozen=True)
+class ListSource:
+    """Lists of pictures, or WebDataset shards, and which of their columns say what."""
+
+    paths: tuple[str, ...]
+    url_column: str | None = None  # default: url, URL, image_url, path or image_path, the first it has
+    caption_column: str | None = None  # default: caption, TEXT or text, the first it has; captions are optional
+    collection: str | None = None  # the captions' collection; default: the first list's name

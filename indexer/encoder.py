@@ -252,10 +252,11 @@ class Encoder:
         """Embed RGB PIL images: (n, dim) float32, each row of unit length."""
         return embed_in_batches(images, batch_size, self.preprocess, self.embed_preprocessed, self.model_id.dim)
 
-    def embed_preprocessed(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
-        """Embed one batch of images already put through `preprocess` (as the indexer's workers do)."""
+    def embed_preprocessed(self, pixels: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
+        """Embed one batch of images already put through `preprocess` (as the indexer's workers do;
+        arrays where they came from another process, as on Ray)."""
         with torch.inference_mode():
-            batch = torch.stack(list(pixels)).to(self.device)
+            batch = torch.stack([torch.as_tensor(p) for p in pixels]).to(self.device)
             return self.model.encode_image(batch, normalize=True).float().cpu().numpy()
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True) -> np.ndarray:

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,6 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from indexer.errors import BadFileError
 from indexer.models import sha256_file
 
+# Files that name pictures rather than hold one: lists of URLs or paths, and WebDataset shards.
+LIST_SUFFIXES = frozenset({".parquet", ".csv", ".jsonl", ".json", ".tar"})
 IMAGE_SUFFIXES = frozenset(b".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .avif .heic .heif".split())
 # Only these decoders are ever tried, whatever a file's name says: a PDF or FITS file renamed
 # .jpg is refused instead of being handed to a decoder nobody meant to expose.
@@ -166,6 +168,26 @@ def decode_image(source: bytes | BinaryIO, side: int) -> DecodedImage:
         # A decoder fed hostile bytes can fail in any way (KeyError, struct.error, ...); one bad
         # file must never stop a run.
         raise BadFileError(f"cannot decode: {type(error).__name__}: {error}") from error
+
+
+class Prepared(NamedTuple):
+    """A picture ready for the model: its pixels after the model's preprocessing, and its metadata."""
+
+    pixels: Any
+    width: int
+    height: int
+    taken_at: str | None
+
+
+def prepare_picture(
+    source: bytes | BinaryIO, mtime_ns: int | None, side: int, preprocess: Callable[[Image.Image], Any]
+) -> Prepared:
+    """Decode a picture (a path, or an open binary file) and put it through `preprocess`; one
+    without an EXIF date is dated by `mtime_ns`, its file's time, when there is one. Raises
+    BadFileError as decode_image does."""
+    decoded = decode_image(source, side)
+    taken_at = decoded.taken_at or (datetime.fromtimestamp(mtime_ns / 1e9).isoformat() if mtime_ns else None)
+    return Prepared(preprocess(decoded.image), decoded.width, decoded.height, taken_at)
 
 
 def _is_empty(source: bytes | BinaryIO) -> bool:

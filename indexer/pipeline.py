@@ -17,17 +17,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from indexer import backend
 from indexer.captions import read_captions
-from indexer.config import IndexSettings, index_dir
-from indexer.errors import BadFileError, ClipseekError, ModelError
-from indexer.loader import VANISHED, FileEntry, decode_image, file_hash, walk
-from indexer.models import DEFAULT_MODEL
+from indexer.config import IndexSettings, ListSource, RaySettings, index_dir
+from indexer.errors import BadFileError, ClipseekError, ModelError, ModelMismatchError
+from indexer.loader import VANISHED, FileEntry, file_hash, prepare_picture, walk
+from indexer.models import DEFAULT_MODEL, ModelId
 from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
 if TYPE_CHECKING:
@@ -47,6 +46,7 @@ class IndexReport:
     removed: int = 0
     failed: int = 0
     known_failures: int = 0  # failed before and unchanged since: not tried again
+    captions: int = 0  # a list's captions, added to its collection
     interrupted: bool = False
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -148,12 +148,18 @@ class Indexer:
         roots: Iterable[str | os.PathLike],
         progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
+        ray: RaySettings | None = None,
     ) -> IndexReport:
         """Bring the index up to date with the pictures under `roots`.
 
         `progress(done, total)` is called as files needing work are done; `stop`, when set,
         ends the run after the current batch with everything so far committed. A run that
         completes rebuilds the vector files whose kind the collection outgrew (Store.fit).
+
+        With `ray`, the pictures to embed go through a Ray Data pipeline into shards, which are
+        then ingested (indexer.ray_pipeline, indexer.shards), and the vector files are built
+        once at the end. Moved and copied pictures are embedded again there rather than
+        recognised, and `stop` is not looked at until the shards are ingested.
         """
         started = time.monotonic()
         roots = [os.fsencode(os.path.abspath(root)) for root in roots]
@@ -162,6 +168,8 @@ class Indexer:
                 # Never sweep a folder that is only missing for now (an unplugged disk).
                 raise ClipseekError(f"{os.fsdecode(root)} does not exist; nothing was changed")
         report = IndexReport()
+        if ray is not None:  # shards a killed run left: in the catalog before the walk compares with it
+            self._ingest_shards(report, progress)
         stored = self.store.catalog.images()
         known_failures = self.store.catalog.failures()
         walk_failures: list[tuple[bytes, str]] = []
@@ -186,9 +194,12 @@ class Indexer:
                     writer.record_failure(path, reason, None, None)
                     report.failures.append((os.fsdecode(path), reason))
             report.failed += len(walk_failures)
-        _Run(self, report, stored, missing).process(todo, progress, stop)
+        if ray is None:
+            _Run(self, report, stored, missing).process(todo, progress, stop)
+        else:
+            self._embed_on_ray(todo, ray, report, progress)
         if missing and not report.interrupted:
-            with self.store.write() as writer:
+            with self.store.write(index_vectors=ray is None) as writer:
                 writer.delete_items([item.id for item in missing.values()])
             report.removed += len(missing)
         self.store.flush()
@@ -196,6 +207,41 @@ class Indexer:
             self.store.fit()  # the collection may have outgrown its vector index kind
         report.seconds = time.monotonic() - started
         return report
+
+    def _embed_on_ray(self, todo: list[FileEntry], settings: RaySettings, report: IndexReport, progress) -> None:
+        ray_pipeline, shards = _ray_modules()
+        if todo:
+            model = ray_pipeline.ModelSource(self.store.model_id, self.store.model_checkpoint)
+            ray_pipeline.embed(todo, model, self.encoder.preprocess, shards.shard_dir(self.store), settings)
+        self._ingest_shards(report, progress)
+
+    def index_list(
+        self, source: ListSource, ray: RaySettings, progress: Callable[[int, int], None] | None = None
+    ) -> IndexReport:
+        """Index the pictures named by lists (URLs, object-store URIs or paths, with captions) or
+        held by WebDataset shards, on Ray (indexer.ray_pipeline.embed_list); each picture's
+        caption joins an image→text collection. A picture indexed or failed before, by its name,
+        is not read again; nothing is removed."""
+        started = time.monotonic()
+        report = IndexReport()
+        ray_pipeline, shards = _ray_modules()
+        self._ingest_shards(report, progress)  # what a killed run left
+        known = set(self.store.catalog.images()) | set(self.store.catalog.failures())
+        model = ray_pipeline.ModelSource(self.store.model_id, self.store.model_checkpoint)
+        ray_pipeline.embed_list(source, known, model, self.encoder.preprocess, shards.shard_dir(self.store), ray)
+        self._ingest_shards(report, progress)
+        report.found = report.embedded + report.failed
+        self.store.fit()
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _ingest_shards(self, report: IndexReport, progress) -> None:
+        _, shards = _ray_modules()
+        ingested = shards.ingest(self.store, progress)
+        report.embedded += ingested.added
+        report.failed += ingested.failed
+        report.failures += ingested.failures
+        report.captions += ingested.captions
 
     def add_captions(
         self, path: str | os.PathLike, collection: str, file_format: str | None = None, batch_size: int = 256
@@ -228,32 +274,53 @@ class Indexer:
 def encoder_for(
     store: Store, checkpoint: str | os.PathLike | None = None, download: bool = False
 ) -> Encoder | OnnxEncoder:
-    """The model an index was made with: its ONNX export where there is one (indexer.backend), else torch.
-
-    Torch takes the weights from the checkpoint path the index recorded (unless `checkpoint`
-    says where the file is now; Indexer.open and SearchEngine.open have checked it is the
-    index's), else by architecture and tag (the bundled demo model included), and checks that
-    they are the index's model.
-    """
+    """The model an index was made with (see encoder_of), from the checkpoint path the index
+    recorded unless `checkpoint` says where the file is now (Indexer.open and SearchEngine.open
+    have checked it is the index's)."""
     stored = store.model_id
     if stored is None:
         raise ClipseekError(f"the index at {store.root} has no model yet: index something into it first")
+    return encoder_of(stored, checkpoint or store.model_checkpoint, download)
+
+
+def encoder_of(
+    model_id: ModelId,
+    checkpoint: str | os.PathLike | None = None,
+    download: bool = False,
+) -> Encoder | OnnxEncoder:
+    """An encoder for `model_id`: its ONNX export where there is one (indexer.backend), else torch.
+
+    Torch takes the weights from `checkpoint` when the model came from a file, else by
+    architecture and tag (the bundled demo model included), and checks that they are `model_id`'s.
+    """
 
     def load_torch() -> Encoder:
         from indexer.encoder import load_encoder  # torch: only where a model is needed
 
-        source = checkpoint or store.model_checkpoint
-        if source is not None and not os.path.isfile(source):
+        if checkpoint is not None and not os.path.isfile(checkpoint):
             raise ModelError(
-                f"the weights of the index's model ({stored}) were at {source}, which does not exist "
+                f"the weights of the index's model ({model_id}) were at {checkpoint}, which does not exist "
                 "any more: put the file back, or say where it is now (--checkpoint)"
             )
-        encoder = load_encoder(stored.architecture, stored.pretrained, source, download=download)
-        if encoder.model_id != stored:
-            raise store.mismatch(encoder.model_id)
+        encoder = load_encoder(model_id.architecture, model_id.pretrained, checkpoint, download=download)
+        if encoder.model_id != model_id:
+            raise ModelMismatchError(
+                f"the weights found are of {encoder.model_id}, not of the index's model {model_id}"
+            )
         return encoder
 
-    return backend.load(stored, load_torch)
+    return backend.load(model_id, load_torch)
+
+
+def _ray_modules():
+    """indexer.ray_pipeline and indexer.shards, which need the `ray` extra (Ray Data, pyarrow)."""
+    try:
+        from indexer import ray_pipeline, shards
+    except ModuleNotFoundError as error:
+        raise ClipseekError(
+            f"--ray needs Ray Data, and {error.name} is not installed: pip install 'clipseek[ray]'"
+        ) from None
+    return ray_pipeline, shards
 
 
 class _Run:
@@ -311,10 +378,9 @@ class _Run:
         return work
 
     def _decode(self, work: _Work) -> None:
-        decoded = decode_image(work.entry.path, self.side)
-        work.pixels = self.indexer.encoder.preprocess(decoded.image)
-        work.width, work.height = decoded.width, decoded.height
-        work.taken_at = decoded.taken_at or datetime.fromtimestamp(work.entry.mtime_ns / 1e9).isoformat()
+        entry = work.entry
+        prepared = prepare_picture(entry.path, entry.mtime_ns, self.side, self.indexer.encoder.preprocess)
+        work.pixels, work.width, work.height, work.taken_at = prepared
 
     def _commit(self) -> None:
         """Embed the pending batch and commit it, with its moves, copies and failures, as one transaction."""

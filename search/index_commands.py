@@ -58,17 +58,58 @@ index_type_options = options(
 @index_option
 @model_options
 @index_type_options
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    metavar="[ADDRESS]",
+    help="Decode and embed on Ray: a local Ray on this machine, or the cluster at ADDRESS (auto, ray://HOST:10001).",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="With --ray: model actors.")
+@click.option("--url-column", metavar="NAME", help="Lists: the column naming pictures [url, URL, image_url, path].")
+@click.option("--caption-column", metavar="NAME", help="Lists: the column of captions [caption, TEXT, text].")
+@click.option("--collection", metavar="NAME", help="Lists: the collection their captions join [the list's name].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
-def index(paths, index, model, pretrained, checkpoint, download, index_type, memory_budget, quiet, as_json):
-    """Index the pictures in PATHS (folders or files).
+def index(
+    paths,
+    index,
+    model,
+    pretrained,
+    checkpoint,
+    download,
+    index_type,
+    memory_budget,
+    ray_address,
+    workers,
+    url_column,
+    caption_column,
+    collection,
+    quiet,
+    as_json,
+):
+    """Index the pictures in PATHS (folders or files), or those that lists name (with --ray).
 
     Only new and changed files are decoded; moved or renamed files keep their embedding; files
     that are gone leave the index. Files that cannot be read are recorded and skipped.
     Ctrl-C stops after the current batch, keeping everything done so far. When the collection
     outgrows its vector index kind (see --index-type), the vector files are rebuilt at the end.
+    With --ray, a Ray Data pipeline decodes and embeds into shards, which are then ingested;
+    PATHS may then be lists (Parquet, CSV, JSONL) of picture URLs or paths with captions, or
+    WebDataset .tar shards.
     """
     from tqdm import tqdm
+
+    from indexer.config import ListSource, RaySettings
+    from indexer.loader import LIST_SUFFIXES
+
+    ray = RaySettings(ray_address or None, workers) if ray_address is not None else None
+    lists = tuple(str(path) for path in paths if path.is_file() and path.suffix.lower() in LIST_SUFFIXES)
+    if lists and len(lists) != len(paths):
+        raise click.UsageError("give folders and pictures, or lists and WebDataset shards: not both in one run")
+    if lists and ray is None:
+        raise click.UsageError("lists and WebDataset shards are read on Ray: add --ray")
 
     bar = tqdm(unit="img", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
 
@@ -78,13 +119,17 @@ def index(paths, index, model, pretrained, checkpoint, download, index_type, mem
 
     with _open_indexer(index, model, pretrained, checkpoint, download) as indexer, _stop_on_interrupt() as stop, bar:
         indexer.store.index_setting(index_type, _budget(memory_budget))
-        report = indexer.index(paths, progress=progress, stop=stop)
+        if lists:
+            report = indexer.index_list(ListSource(lists, url_column, caption_column, collection), ray, progress)
+        else:
+            report = indexer.index(paths, progress=progress, stop=stop, ray=ray)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
         parts = [f"{report.embedded} embedded"] + [
             f"{count} {name}"
             for name, count in (
+                ("captions added", report.captions),
                 ("moved", report.moved),
                 ("copies reused", report.reused),
                 ("removed", report.removed),

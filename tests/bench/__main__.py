@@ -13,7 +13,15 @@ import platform
 import tempfile
 import time
 
-from tests.bench import ann_bench, encoder_bench, indexer_bench, moderation_bench, query_bench, server_bench
+from tests.bench import (
+    ann_bench,
+    encoder_bench,
+    indexer_bench,
+    moderation_bench,
+    query_bench,
+    ray_bench,
+    server_bench,
+)
 
 SECTIONS = {
     "encoder": encoder_bench.run,
@@ -21,6 +29,7 @@ SECTIONS = {
     "ann": ann_bench.run,
     "indexing": indexer_bench.end_to_end,
     "rescan": indexer_bench.rescan,
+    "ray": ray_bench.run,
     "server": server_bench.run,
     "moderation": moderation_bench.run,
 }

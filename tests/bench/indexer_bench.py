@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from indexer import backend
 from indexer.config import IndexSettings
@@ -35,7 +35,10 @@ def _phone_library(folder: Path, count: int) -> list[Path]:
     paths = []
     for number in range(count):
         path = folder / f"IMG_{number:04d}.jpg"
-        samples[number % len(samples)].resize((4000, 3000), Image.BICUBIC).save(path, quality=90)
+        picture = samples[number % len(samples)].resize((4000, 3000), Image.BICUBIC)
+        # A corner of its own: no two files alike, else the indexer reuses embeddings of copies.
+        ImageDraw.Draw(picture).rectangle((0, 0, 63, 63), fill=(number % 256, number // 256, 128))
+        picture.save(path, quality=90)
         paths.append(path)
     return paths
 
