@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,8 +29,6 @@ from indexer.errors import BadFileError, ClipseekError
 from indexer.loader import FileEntry, file_hash, prepare_picture
 from indexer.models import ModelId
 from indexer.remote import is_remote, read_source
-
-log = logging.getLogger("clipseek")
 
 SHARD_ROWS = 1024  # pictures per Parquet shard, at least
 # A decoding task asks for half a CPU: not what a model actor asks for, so Ray keeps the two
@@ -99,8 +96,8 @@ def _columns(columns: list[str], source: ListSource) -> tuple[str, str | None]:
 
 def _listed(batch: dict, url: str, caption: str | None, known: set[bytes], collection: str) -> dict:
     """A list's rows as pictures to read: sources not indexed or failed before."""
-    sources = [str(value).encode() for value in batch[url]]
-    keep = [number for number, source in enumerate(sources) if source not in known]
+    sources = [str(value).encode() if value is not None else b"" for value in batch[url]]
+    keep = [number for number, source in enumerate(sources) if source and source not in known]
     captions = batch[caption] if caption is not None else [""] * len(sources)
     return _pictures([sources[n] for n in keep], [captions[n] for n in keep], None, collection)
 

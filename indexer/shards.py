@@ -4,10 +4,12 @@ A shard row is one picture: its source (a file path, a URL, or `SHARD#KEY` for a
 sample, as bytes), size, mtime_ns, sha256, width, height, taken_at, and either its embedding
 (`vector`, float32 little-endian bytes) or why it failed (`failure`, empty when it did not);
 pictures from a list also carry their `caption`, its `caption_vector` and the `collection` it
-joins (an image→text collection, each caption pointing at its picture). Shards wait in the index folder's
-`shards/` until they are ingested; each is ingested in one transaction and then deleted, so a
-killed ingest resumes with the shards left, and a shard ingested just before the kill is found
-already in the catalog (same source, size and time) and skipped: never a duplicate.
+joins (an image→text collection, each caption pointing at its picture).
+
+Shards wait in the index folder's `shards/` until they are ingested; each is ingested in one
+transaction and then deleted, so a killed ingest resumes with the shards left, and a shard
+ingested just before the kill is found already in the catalog (same source, size and time, or
+the same failure) and skipped: never a duplicate.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +37,9 @@ def shard_dir(store: Store) -> Path:
 @dataclass
 class Ingested:
     added: int = 0
-    replaced: int = 0  # a changed picture: its old item went
-    already: int = 0  # in the catalog already, indexed or failed (a shard ingested just before a kill)
     failed: int = 0
     captions: int = 0
-    failures: list[tuple[str, str]] | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
 def ingest(store: Store, progress: Callable[[int, int], None] | None = None) -> Ingested:
@@ -52,7 +52,7 @@ def ingest(store: Store, progress: Callable[[int, int], None] | None = None) -> 
     """
     folder = shard_dir(store)
     shards = sorted(folder.glob("*.parquet"), key=lambda path: (path.stat().st_mtime_ns, path.name))
-    done = Ingested(failures=[])
+    done = Ingested()
     if not shards:
         return done
     stored, failed_before = store.catalog.images(), store.catalog.failures()
@@ -70,18 +70,18 @@ def ingest(store: Store, progress: Callable[[int, int], None] | None = None) -> 
             for row in table.to_pylist():
                 old = stored.get(row["path"])
                 seen = (row["size"], row["mtime_ns"])
-                if (old is not None and (old.size, old.mtime_ns) == seen) or failed_before.get(row["path"]) == seen:
-                    done.already += 1
-                elif row["failure"] == VANISHED:  # deleted while the run looked at it: nothing to keep
+                already = (old is not None and (old.size, old.mtime_ns) == seen) or failed_before.get(
+                    row["path"]
+                ) == seen
+                if already or row["failure"] == VANISHED:  # VANISHED: deleted while the run looked at it
                     continue
                 elif row["failure"]:
                     writer.record_failure(row["path"], row["failure"], row["size"], row["mtime_ns"])
                     done.failed += 1
                     done.failures.append((os.fsdecode(row["path"]), row["failure"]))
                 else:
-                    if old is not None:
+                    if old is not None:  # a changed picture: its old item goes
                         writer.delete_items([old.id])
-                        done.replaced += 1
                     fresh.append(_image(row))
             writer.add_images(fresh)
             done.added += len(fresh)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
@@ -219,3 +220,21 @@ def test_webdataset_shards_are_read_with_their_captions(tmp_path, library):
     with Store.open(tmp_path / "index") as store:
         assert sorted(store.catalog.images()) == [f"{shard}#s{n}".encode() for n in range(3)]
         assert store.catalog.captions("wds") == {"caption 0", "caption 1", "caption 2"}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_csv_and_jsonl_lists_are_read_too(tmp_path, library, served, suffix):
+    captions = [json.loads(line) for line in (library / "captions.jsonl").read_text().splitlines()][:3]
+    rows = [{"image_url": f"{served}/{row['image']}", "caption": row["caption"]} for row in captions]
+    rows.append({"image_url": f"{served}/missing.png", "caption": "gone"})
+    rows.append({"image_url": "", "caption": "a row without a picture is passed over"})
+    listing = tmp_path / f"list{suffix}"
+    if suffix == ".csv":
+        pa.csv.write_csv(pa.Table.from_pylist(rows), listing)
+    else:
+        listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with Indexer.open(tmp_path / "index", model="demo") as indexer:
+        report = indexer.index_list(ListSource((str(listing),), collection="listed"), RaySettings())
+    assert (report.embedded, report.failed, report.captions) == (3, 1, 3)
+    with Store.open(tmp_path / "index") as store:
+        assert store.catalog.captions("listed") == {row["caption"] for row in captions}

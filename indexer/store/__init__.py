@@ -232,14 +232,14 @@ class Store:
         changed = self.catalog.vectors_changed(modality)
         return VectorIndex.load(self._vector_path(modality), changed, self.catalog.generation())
 
-    def _rebuild(self, modality: str, progress: Progress = log_progress) -> VectorIndex:
+    def _rebuild(self, modality: str) -> VectorIndex:
         """A modality's vector index from the catalog, of the kind last chosen for it (flat when
         there are too few vectors left to train that kind)."""
         spec = IndexSpec.from_dict(json.loads(self.catalog.get(f"index_spec.{modality}") or "null"))
         count = self._counts()[modality]
         if not spec.exact and count < (spec.nlist or 0) * index_choice.MIN_PER_CLUSTER + 1:
             spec = IndexSpec()
-        return self._build(modality, spec, count, progress)
+        return self._build(modality, spec, count, log_progress)
 
     def _build(self, modality: str, spec: IndexSpec, count: int, progress: Progress) -> VectorIndex:
         """A vector index of `spec` over the catalog's embeddings of `modality`, streamed from it in
