@@ -255,7 +255,8 @@ class Store:
         index = VectorIndex.empty(self.model_id.dim, spec, training)
         del training
         done = 0
-        progress(f"{name}: adding", 0, count)
+        if count:  # a first write builds an empty index: nothing to say
+            progress(f"{name}: adding", 0, count)
         for ids, vectors in self.catalog.vector_blocks(modality, ADD_BLOCK):
             index.add(ids, vectors)
             if queries is not None:
