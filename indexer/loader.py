@@ -22,8 +22,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from indexer.errors import BadFileError
 from indexer.models import sha256_file
 
-# Files that name pictures rather than hold one: lists of URLs or paths, and WebDataset shards.
-LIST_SUFFIXES = frozenset({".parquet", ".csv", ".jsonl", ".json", ".tar"})
+# Files that name pictures rather than hold one, by suffix, with the Ray Data reader for each:
+# lists of URLs or paths, and WebDataset shards.
+LIST_READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json", ".tar": "webdataset"}
 IMAGE_SUFFIXES = frozenset(b".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .avif .heic .heif".split())
 # Only these decoders are ever tried, whatever a file's name says: a PDF or FITS file renamed
 # .jpg is refused instead of being handed to a decoder nobody meant to expose.

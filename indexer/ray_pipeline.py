@@ -26,16 +26,15 @@ import ray
 
 from indexer.config import ListSource, RaySettings
 from indexer.errors import BadFileError, ClipseekError
-from indexer.loader import FileEntry, file_hash, prepare_picture
+from indexer.loader import LIST_READERS, FileEntry, file_hash, prepare_picture
 from indexer.models import ModelId
-from indexer.remote import is_remote, read_source
+from indexer.remote import read_source
 
 SHARD_ROWS = 1024  # pictures per Parquet shard, at least
 # A decoding task asks for half a CPU: not what a model actor asks for, so Ray keeps the two
 # stages apart (it fuses stages with the same needs) and decodes beside the model, as a plain
 # run's threads do, instead of in turn with it.
 DECODE_CPUS = 0.5
-READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json", ".tar": "webdataset"}
 URL_COLUMNS = ("url", "URL", "image_url", "path", "image_path")
 CAPTION_COLUMNS = ("caption", "TEXT", "text")
 PICTURE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # WebDataset sample members, in this order
@@ -62,9 +61,9 @@ def embed_list(
 ):
     """Embed the pictures a list or WebDataset shards name, less those in `known` (indexed or failed
     before), with their captions, on Ray into Parquet shards in `out`."""
-    kinds = {READERS.get(Path(path).suffix.lower()) for path in source.paths}
+    kinds = {LIST_READERS.get(Path(path).suffix.lower()) for path in source.paths}
     if None in kinds or len(kinds) != 1:
-        raise ClipseekError(f"lists of one kind at a time ({', '.join(READERS)}), not {', '.join(source.paths)}")
+        raise ClipseekError(f"lists of one kind at a time ({', '.join(LIST_READERS)}), not {', '.join(source.paths)}")
     kind = kinds.pop()
     collection = source.collection or Path(source.paths[0]).stem
     with _ray(settings):
@@ -193,13 +192,14 @@ def _decode(batch: dict, side: int, preprocess: Callable, settings: RaySettings)
     for number in range(count):
         path, size, mtime_ns = bytes(batch["path"][number]), int(batch["size"][number]), int(batch["mtime_ns"][number])
         try:
-            if "data" in batch or is_remote(path.decode("utf-8", "replace")):
-                data = bytes(batch["data"][number]) if "data" in batch else None
-                if data is None:
+            if "caption" in batch:  # from a list or WebDataset: read whole (fetched, bounded), or inline
+                if "data" in batch:
+                    data = bytes(batch["data"][number])
+                else:
                     data = read_source(path.decode(), settings.fetch_timeout, settings.fetch_max_bytes)
                 size, sha256 = len(data), hashlib.sha256(data).hexdigest()
                 prepared = prepare_picture(io.BytesIO(data), None, side, preprocess)
-            else:
+            else:  # a file found by a walk, with its size and time
                 sha256 = file_hash(path)
                 prepared = prepare_picture(path, mtime_ns, side, preprocess)
             values = (size, sha256, prepared.width, prepared.height, prepared.taken_at or "", "")

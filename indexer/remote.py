@@ -19,17 +19,12 @@ from indexer.errors import BadFileError
 _CHUNK = 1 << 16
 
 
-def is_remote(source: str) -> bool:
-    """Whether `source` is a URL or URI (a scheme of two letters or more: not a Windows drive)."""
-    return len(urlsplit(source).scheme) > 1
-
-
 def read_source(source: str, timeout: float, max_bytes: int) -> bytes:
     """The bytes at `source`, downloaded within `timeout` seconds (remote ones), at most `max_bytes`."""
     scheme = urlsplit(source).scheme.lower()
     if scheme in ("http", "https"):
         return _download(source, timeout, max_bytes)
-    if len(scheme) > 1:
+    if len(scheme) > 1:  # not a Windows drive letter
         return _object_store(source, max_bytes)
     try:
         with open(source, "rb") as stream:

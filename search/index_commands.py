@@ -102,10 +102,10 @@ def index(
     from tqdm import tqdm
 
     from indexer.config import ListSource, RaySettings
-    from indexer.loader import LIST_SUFFIXES
+    from indexer.loader import LIST_READERS
 
     ray = RaySettings(ray_address or None, workers) if ray_address is not None else None
-    lists = tuple(str(path) for path in paths if path.is_file() and path.suffix.lower() in LIST_SUFFIXES)
+    lists = tuple(str(path) for path in paths if path.is_file() and path.suffix.lower() in LIST_READERS)
     if lists and len(lists) != len(paths):
         raise click.UsageError("give folders and pictures, or lists and WebDataset shards: not both in one run")
     if lists and ray is None:

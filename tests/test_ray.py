@@ -224,8 +224,10 @@ def test_webdataset_shards_are_read_with_their_captions(tmp_path, library):
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_csv_and_jsonl_lists_are_read_too(tmp_path, library, served, suffix):
-    captions = [json.loads(line) for line in (library / "captions.jsonl").read_text().splitlines()][:3]
-    rows = [{"image_url": f"{served}/{row['image']}", "caption": row["caption"]} for row in captions]
+    captions = [json.loads(line) for line in (library / "captions.jsonl").read_text().splitlines()][:4]
+    rows = [{"image_url": f"{served}/{row['image']}", "caption": row["caption"]} for row in captions[:3]]
+    local = library / captions[3]["image"]
+    rows.append({"image_url": str(local), "caption": captions[3]["caption"]})  # a path, read from disk
     rows.append({"image_url": f"{served}/missing.png", "caption": "gone"})
     rows.append({"image_url": "", "caption": "a row without a picture is passed over"})
     listing = tmp_path / f"list{suffix}"
@@ -235,6 +237,7 @@ def test_csv_and_jsonl_lists_are_read_too(tmp_path, library, served, suffix):
         listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with Indexer.open(tmp_path / "index", model="demo") as indexer:
         report = indexer.index_list(ListSource((str(listing),), collection="listed"), RaySettings())
-    assert (report.embedded, report.failed, report.captions) == (3, 1, 3)
+    assert (report.embedded, report.failed, report.captions) == (4, 1, 4)
     with Store.open(tmp_path / "index") as store:
         assert store.catalog.captions("listed") == {row["caption"] for row in captions}
+        assert store.catalog.images()[str(local).encode()].size == local.stat().st_size
