@@ -26,7 +26,7 @@ from indexer.captions import read_captions
 from indexer.config import IndexSettings, ListSource, RaySettings, index_dir
 from indexer.errors import BadFileError, ClipseekError, ModelError, ModelMismatchError
 from indexer.loader import VANISHED, FileEntry, file_hash, prepare_picture, walk
-from indexer.models import DEFAULT_MODEL, ModelId
+from indexer.models import DEFAULT_MODEL, DEMO_MODEL, ModelId
 from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
 if TYPE_CHECKING:
@@ -303,11 +303,14 @@ def encoder_of(
                 "any more: put the file back, or say where it is now (--checkpoint)"
             )
         encoder = load_encoder(model_id.architecture, model_id.pretrained, checkpoint, download=download)
-        if encoder.model_id != model_id:
+        if encoder.model_id == model_id:
+            return encoder
+        if model_id.architecture == DEMO_MODEL and checkpoint is None:  # new bundled weights since
             raise ModelMismatchError(
-                f"the weights found are of {encoder.model_id}, not of the index's model {model_id}"
+                f"the index was made with earlier weights of the bundled demo model ({model_id}); this "
+                f"clipseek has {encoder.model_id}: index its pictures again, into a new index"
             )
-        return encoder
+        raise ModelMismatchError(f"the weights found are of {encoder.model_id}, not of the index's model {model_id}")
 
     return backend.load(model_id, load_torch)
 

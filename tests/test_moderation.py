@@ -44,9 +44,11 @@ POLICY_JSON = """{
 }"""
 
 # Chosen from measurements on other renderings than the one tested (the grid of the `judged`
-# fixture with seeds 0 and 2-11): red triangles scored 0.535-0.700, pictures of other colours at
-# most 0.571, other red shapes up to 0.635 (small red stars above all). Blocking from 0.60 lets
-# almost no other shape through; the review band [0.56, 0.60) sends the close calls to a person.
+# fixture with seeds 0 and 2-11): with the first demo weights, red triangles scored 0.535-0.700,
+# pictures of other colours at most 0.571, other red shapes up to 0.635. The current weights
+# (README: the demo model's stages 4 and 5) give red triangles 0.588-0.676 there and other
+# pictures at most 0.581 but for one small red star at 0.618, so the thresholds stand: block
+# from 0.60, and the review band [0.56, 0.60) sends the close calls to a person.
 RED_TRIANGLES_SETTINGS = {
     "prompts": ["a red triangle", "a picture of a red triangle"],
     "threshold": 0.6,
@@ -169,37 +171,20 @@ def judged(engine):
     return list(zip(scenes, engine.moderate_many([(image, None) for image in images], RED_TRIANGLES), strict=True))
 
 
-def test_red_triangles_are_blocked_and_other_colours_allowed(judged):
+def test_red_triangles_are_blocked_and_everything_else_is_not(judged):
     red_triangles = [verdict for scene, verdict in judged if scene.matches({"colour": "red", "shape": "triangle"})]
     assert len(red_triangles) == 40 and "allow" not in {verdict.decision for verdict in red_triangles}
     blocked = [verdict for verdict in red_triangles if verdict.decision == "block"]
-    assert len(blocked) >= 36  # 37 here, 468 of 480 over twelve renderings; the rest go to review
+    assert len(blocked) >= 38  # 39 here (the last, at 0.580, goes to review); 478 of 480 over twelve renderings
     reason = re.compile(r"red triangles: 0\.\d{3} ≥ block threshold 0\.6 \(image 0\.\d{3}\)")
     assert all(reason.fullmatch(verdict.reasons[0]) for verdict in blocked)
-    other_colours = [verdict.decision for scene, verdict in judged if scene.colour != "red"]
-    assert len(other_colours) == 1000 and set(other_colours) == {"allow"}
-
-
-def test_other_red_shapes_are_allowed_but_for_a_few_small_stars(judged):
-    for size, most_blocked in (("large", 0), ("small", 2)):
-        shapes = [
-            verdict.decision
-            for scene, verdict in judged
-            if scene.colour == "red" and scene.shape != "triangle" and scene.size == size
-        ]
-        # Over twelve renderings: 4 of 960 large and 4 of 960 small ones blocked, 41 reviewed.
-        assert len(shapes) == 80 and shapes.count("block") <= most_blocked and shapes.count("allow") >= 74
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the demo model still takes the odd small red star for a red triangle: over twelve renderings of the "
-    "grid, 4 of 960 large and 4 of 960 small red shapes that are not triangles scored above the block threshold "
-    "(up to 0.635), and on the tested rendering one small red star scores 0.619.",
-)
-def test_no_other_red_shape_is_blocked(judged):
-    blocked = [scene for scene, verdict in judged if verdict.decision == "block"]
-    assert all(scene.shape == "triangle" for scene in blocked)
+    others = [
+        (scene, verdict.decision) for scene, verdict in judged if (scene.colour, scene.shape) != ("red", "triangle")
+    ]
+    assert len(others) == 1160 and "block" not in {decision for _, decision in others}
+    # Close calls go to a person: here two small red stars (0.586 and 0.561).
+    reviewed = [scene for scene, decision in others if decision == "review"]
+    assert len(reviewed) <= 4 and all(scene.colour == "red" and scene.size == "small" for scene in reviewed)
 
 
 def neutral_picture() -> Image.Image:
@@ -233,7 +218,7 @@ def test_a_text_alone_is_judged_by_the_text(engine):
 
 def test_a_reencoded_resized_copy_of_a_blocked_picture_is_blocked(tmp_path, engine, world):
     root, library, blocked = world
-    # The default threshold (0.95): copies score 0.998 or more, the library's pictures at most 0.67.
+    # The default threshold (0.95): copies score 0.999 or more, the library's pictures at most 0.67.
     policy = Policy.from_dict({"blocklists": {"known bad": {"path": str(root / "known-bad")}}})
     copy = tmp_path / "upload.jpg"
     with Image.open(blocked) as image:
@@ -241,7 +226,7 @@ def test_a_reencoded_resized_copy_of_a_blocked_picture_is_blocked(tmp_path, engi
     verdict = engine.moderate(image=copy, policy=policy)
     assert verdict.decision == "block" and len(verdict.matches) == 1
     match = verdict.matches[0]
-    assert match.path == str(blocked) and match.similarity >= 0.99  # 0.998 with the committed weights
+    assert match.path == str(blocked) and match.similarity >= 0.99  # 0.999 with the committed weights
     assert verdict.reasons == (f"looks like 'known bad' item {match.id} {blocked} ({match.similarity:.3f})",)
     others = engine.moderate_many([(picture, None) for picture in library], policy)
     assert [verdict.decision for verdict in others] == ["allow"] * len(library)
