@@ -55,6 +55,7 @@ RED_TRIANGLES_SETTINGS = {
     "review": 0.56,
 }
 RED_TRIANGLES = Policy.from_dict({"concepts": {"red triangles": RED_TRIANGLES_SETTINGS}})
+RED_TRIANGLE = {"colour": "red", "shape": "triangle"}  # the scenes that policy is about
 BLOCKED_SCENE = Scene("star", "purple", "large", "centre", "sand")
 
 
@@ -172,15 +173,13 @@ def judged(engine):
 
 
 def test_red_triangles_are_blocked_and_everything_else_is_not(judged):
-    red_triangles = [verdict for scene, verdict in judged if scene.matches({"colour": "red", "shape": "triangle"})]
+    red_triangles = [verdict for scene, verdict in judged if scene.matches(RED_TRIANGLE)]
     assert len(red_triangles) == 40 and "allow" not in {verdict.decision for verdict in red_triangles}
     blocked = [verdict for verdict in red_triangles if verdict.decision == "block"]
     assert len(blocked) >= 38  # 39 here (the last, at 0.580, goes to review); 478 of 480 over twelve renderings
     reason = re.compile(r"red triangles: 0\.\d{3} ≥ block threshold 0\.6 \(image 0\.\d{3}\)")
     assert all(reason.fullmatch(verdict.reasons[0]) for verdict in blocked)
-    others = [
-        (scene, verdict.decision) for scene, verdict in judged if (scene.colour, scene.shape) != ("red", "triangle")
-    ]
+    others = [(scene, verdict.decision) for scene, verdict in judged if not scene.matches(RED_TRIANGLE)]
     assert len(others) == 1160 and "block" not in {decision for _, decision in others}
     # Close calls go to a person: here two small red stars (0.586 and 0.561).
     reviewed = [scene for scene, decision in others if decision == "review"]
