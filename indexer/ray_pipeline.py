@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import ray.data  # now, not at first use: its loggers are set up on import
 
 from indexer.config import ListSource, RaySettings
 from indexer.errors import BadFileError, ClipseekError
@@ -164,11 +166,25 @@ class _ray:
         self.started = False
 
     def __enter__(self) -> None:
-        if ray.is_initialized():
-            return
+        if not ray.is_initialized():
+            self._start()
+        # Ray Data logs its plan and progress at INFO on stderr, a block every few seconds where
+        # stderr is no terminal: for the run, its console shows warnings and errors only (its log
+        # files under Ray's session folder keep everything; its bars on a terminal are not logging).
+        self.consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+        self.levels = [handler.level for handler in self.consoles]
+        for handler in self.consoles:
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+    def _start(self) -> None:
         # The workers see the same model cache and runtime choice as this process.
         env = {name: value for name, value in os.environ.items() if name.startswith("CLIPSEEK_")}
-        options = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": False}
+        options = {
+            "runtime_env": {"env_vars": env},
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,  # not "Started a local Ray instance" and the like
+        }
         try:
             if self.settings.address:
                 ray.init(address=self.settings.address, **options)
@@ -183,6 +199,8 @@ class _ray:
     def __exit__(self, *exc) -> None:
         if self.started:
             ray.shutdown()
+        for handler, level in zip(self.consoles, self.levels, strict=True):
+            handler.setLevel(level)
 
 
 def _decode(batch: dict, side: int, preprocess: Callable, settings: RaySettings) -> dict:
