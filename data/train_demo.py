@@ -152,7 +152,7 @@ def train(
 
 
 def evaluate(checkpoint: Path) -> None:
-    from indexer.encoder import load_encoder  # evaluated through clipseek's own loading path
+    from indexer.models.encoder import load_encoder  # evaluated through clipseek's own loading path
 
     encoder = load_encoder("demo", checkpoint=checkpoint)
     recall = world.held_out_recall(encoder.embed_images, encoder.embed_texts)

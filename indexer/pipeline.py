@@ -21,17 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer import backend
-from indexer.captions import read_captions
 from indexer.config import IndexSettings, ListSource, RaySettings, index_dir
-from indexer.errors import BadFileError, ClipseekError, ModelError, ModelMismatchError
-from indexer.loader import VANISHED, FileEntry, file_hash, prepare_picture, walk
-from indexer.models import DEFAULT_MODEL, DEMO_MODEL, ModelId
+from indexer.errors import BadFileError, ClipseekError
+from indexer.models import backend
+from indexer.models.backend import encoder_for
+from indexer.models.identity import DEFAULT_MODEL
+from indexer.sources.captions import read_captions
+from indexer.sources.pictures import VANISHED, FileEntry, file_hash, prepare_picture, walk
 from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
 if TYPE_CHECKING:
-    from indexer.encoder import Encoder
-    from indexer.onnx_encoder import OnnxEncoder
+    from indexer.models.encoder import Encoder
+    from indexer.models.onnx_encoder import OnnxEncoder
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Indexer:
         try:
             stored = store.model_id
             if stored is None:
-                from indexer.encoder import load_encoder  # torch: only where a model is needed
+                from indexer.models.encoder import load_encoder  # torch: only where a model is needed
 
                 encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, download=download)
                 store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
@@ -157,7 +158,7 @@ class Indexer:
         completes rebuilds the vector files whose kind the collection outgrew (Store.fit).
 
         With `ray`, the pictures to embed go through a Ray Data pipeline into shards, which are
-        then ingested (indexer.ray_pipeline, indexer.shards), and the vector files are built
+        then ingested (indexer.ray.pipeline, indexer.ray.shards), and the vector files are built
         once at the end. Moved and copied pictures are embedded again there rather than
         recognised, and `stop` is not looked at until the shards are ingested.
         """
@@ -219,7 +220,7 @@ class Indexer:
         self, source: ListSource, ray: RaySettings, progress: Callable[[int, int], None] | None = None
     ) -> IndexReport:
         """Index the pictures named by lists (URLs, object-store URIs or paths, with captions) or
-        held by WebDataset shards, on Ray (indexer.ray_pipeline.embed_list); each picture's
+        held by WebDataset shards, on Ray (indexer.ray.pipeline.embed_list); each picture's
         caption joins an image→text collection. A picture indexed or failed before, by its name,
         is not read again; nothing is removed."""
         started = time.monotonic()
@@ -271,54 +272,11 @@ class Indexer:
         return report
 
 
-def encoder_for(
-    store: Store, checkpoint: str | os.PathLike | None = None, download: bool = False
-) -> Encoder | OnnxEncoder:
-    """The model an index was made with (see encoder_of), from the checkpoint path the index
-    recorded unless `checkpoint` says where the file is now (Indexer.open and SearchEngine.open
-    have checked it is the index's)."""
-    stored = store.model_id
-    if stored is None:
-        raise ClipseekError(f"the index at {store.root} has no model yet: index something into it first")
-    return encoder_of(stored, checkpoint or store.model_checkpoint, download)
-
-
-def encoder_of(
-    model_id: ModelId,
-    checkpoint: str | os.PathLike | None = None,
-    download: bool = False,
-) -> Encoder | OnnxEncoder:
-    """An encoder for `model_id`: its ONNX export where there is one (indexer.backend), else torch.
-
-    Torch takes the weights from `checkpoint` when the model came from a file, else by
-    architecture and tag (the bundled demo model included), and checks that they are `model_id`'s.
-    """
-
-    def load_torch() -> Encoder:
-        from indexer.encoder import load_encoder  # torch: only where a model is needed
-
-        if checkpoint is not None and not os.path.isfile(checkpoint):
-            raise ModelError(
-                f"the weights of the index's model ({model_id}) were at {checkpoint}, which does not exist "
-                "any more: put the file back, or say where it is now (--checkpoint)"
-            )
-        encoder = load_encoder(model_id.architecture, model_id.pretrained, checkpoint, download=download)
-        if encoder.model_id == model_id:
-            return encoder
-        if model_id.architecture == DEMO_MODEL and checkpoint is None:  # new bundled weights since
-            raise ModelMismatchError(
-                f"the index was made with earlier weights of the bundled demo model ({model_id}); this "
-                f"clipseek has {encoder.model_id}: index its pictures again, into a new index"
-            )
-        raise ModelMismatchError(f"the weights found are of {encoder.model_id}, not of the index's model {model_id}")
-
-    return backend.load(model_id, load_torch)
-
-
 def _ray_modules():
-    """indexer.ray_pipeline and indexer.shards, which need the `ray` extra (Ray Data, pyarrow)."""
+    """indexer.ray.pipeline and indexer.ray.shards, which need the `ray` extra (Ray Data, pyarrow)."""
     try:
-        from indexer import ray_pipeline, shards
+        from indexer.ray import pipeline as ray_pipeline
+        from indexer.ray import shards
     except ModuleNotFoundError as error:
         raise ClipseekError(
             f"--ray needs Ray Data, and {error.name} is not installed: pip install 'clipseek[ray]'"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import BadFileError
-from indexer.loader import decode_image
+from indexer.sources.pictures import decode_image
 
 KS = (1, 5, 10)
 

@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from indexer.errors import PolicyError, QueryError
+from search.query import Query
 
 if TYPE_CHECKING:
     from search.engine import SearchEngine
@@ -278,8 +279,6 @@ def _concept_score(concept: Concept, similarity: dict[str, dict[str, float]]) ->
 
 
 def _matches(engine: SearchEngine, blocklists: Sequence[Blocklist], vector: np.ndarray) -> list[BlocklistMatch]:
-    from search.engine import Query  # not at the top: search.engine imports this module
-
     query = Query.vector(vector)
     return [
         BlocklistMatch(blocklist.name, hit.id, hit.path, hit.score, blocklist.action)

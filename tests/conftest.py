@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def demo_encoder():
-    from indexer.encoder import load_encoder
+    from indexer.models.encoder import load_encoder
 
     return load_encoder("demo")
 

@@ -1,7 +1,7 @@
 import pytest
 
-from indexer.captions import read_captions
 from indexer.errors import BadFileError
+from indexer.sources.captions import read_captions
 
 
 def write(tmp_path, name, data: bytes):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from indexer.demo_world import ATTRIBUTES, Scene, caption
-from search.cli import cli
+from search.cli.main import cli
 
 CLIPSEEK = shutil.which("clipseek", path=str(Path(sys.executable).parent))
 

@@ -106,7 +106,7 @@ def test_eval_reports_recall_in_both_directions(home):
 
 
 def test_moved_weights_are_named_with_checkpoint(tmp_path):
-    from indexer.models import demo_checkpoint
+    from indexer.models.identity import demo_checkpoint
 
     weights = tmp_path / "weights.safetensors"
     weights.write_bytes(demo_checkpoint().read_bytes())

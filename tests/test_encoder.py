@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from indexer import demo_world
-from indexer.encoder import load_encoder
 from indexer.errors import CheckpointError, ModelError
-from indexer.models import ModelId, demo_checkpoint
+from indexer.models.encoder import load_encoder
+from indexer.models.identity import ModelId, demo_checkpoint
 
 # Short and long, punctuation, non-ASCII, empty, and one far over the context length.
 TEXTS = [

@@ -139,7 +139,7 @@ def test_bad_queries_are_clear_errors(engine, query, options, message):
 def test_missing_index_and_unloadable_model(tmp_path, monkeypatch):
     with pytest.raises(IndexNotFoundError, match="no index at"):
         SearchEngine.open(tmp_path / "nowhere")
-    from indexer.models import demo_checkpoint
+    from indexer.models.identity import demo_checkpoint
 
     checkpoint = tmp_path / "moved.safetensors"
     checkpoint.write_bytes(demo_checkpoint().read_bytes())

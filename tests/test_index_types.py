@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from indexer.errors import StoreError
-from indexer.models import ModelId
+from indexer.models.identity import ModelId
 from indexer.store import NewImage, Store
 from indexer.store.index_choice import FLAT_UP_TO, choose, parse_size
 from indexer.store.vectors import KINDS, TuningQueries, exact_top
-from search.index_commands import INDEX_TYPES
+from search.cli.index_commands import INDEX_TYPES
 
 DIM = 64
 MODEL = ModelId("demo", None, "0" * 64, DIM, 64)

@@ -6,8 +6,8 @@ from PIL import Image
 
 from indexer.demo_world import write_library
 from indexer.errors import ClipseekError, IndexLockedError, ModelMismatchError
-from indexer.loader import decode_image
 from indexer.pipeline import Indexer
+from indexer.sources.pictures import decode_image
 from indexer.store import Store
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from indexer.errors import BadFileError
-from indexer.loader import FORMATS, decode_image, file_hash, walk
+from indexer.sources.pictures import FORMATS, decode_image, file_hash, walk
 
 HEIF = pytest.mark.skipif("HEIF" not in FORMATS, reason="pillow-heif is not installed (pip install 'clipseek[heif]')")
 

@@ -14,7 +14,7 @@ from PIL import Image
 from indexer.demo_world import LIBRARY_SIDES, VALUES, Scene, render, write_library
 from indexer.errors import PolicyError, QueryError
 from indexer.pipeline import Indexer
-from search.cli import cli
+from search.cli.main import cli
 from search.engine import SearchEngine
 from search.moderation import Blocklist, Concept, Policy, Verdict, Weights
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import backend
 from indexer.demo_world import write_library
 from indexer.errors import ClipseekWarning
-from indexer.loader import decode_image
-from indexer.onnx_encoder import ExportBrokenError, OnnxEncoder
+from indexer.models import backend
+from indexer.models.onnx_encoder import ExportBrokenError, OnnxEncoder
 from indexer.pipeline import Indexer
+from indexer.sources.pictures import decode_image
 from search.engine import Query, SearchEngine
 
 CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
@@ -89,7 +89,7 @@ def run_cli(*args, env=None):
 def test_a_cli_query_never_imports_torch_and_status_says_which_path(indexed):
     root, pictures = indexed
     code = (
-        "import sys; from search.cli import cli\n"
+        "import sys; from search.cli.main import cli\n"
         "try: cli(sys.argv[1:])\n"
         "except SystemExit: pass\n"
         "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules), file=sys.stderr)"

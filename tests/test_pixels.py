@@ -6,7 +6,7 @@ from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from indexer.pixels import Preprocess
+from indexer.models.pixels import Preprocess
 
 SHAPES = [(640, 480), (481, 640), (64, 64), (300, 17), (17, 300), (225, 224), (1, 1), (1001, 999)]
 

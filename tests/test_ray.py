@@ -22,11 +22,12 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
-from indexer import ray_pipeline, shards
 from indexer.config import ListSource, RaySettings
 from indexer.demo_world import write_library
-from indexer.loader import walk
 from indexer.pipeline import Indexer
+from indexer.ray import pipeline as ray_pipeline
+from indexer.ray import shards
+from indexer.sources.pictures import walk
 from indexer.store import Store
 
 CLIPSEEK = str(Path(sys.executable).parent / "clipseek")

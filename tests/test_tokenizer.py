@@ -9,7 +9,7 @@ import pytest
 from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
 from indexer.demo_world import VALUES
-from indexer.tokenizer import ClipTokenizer
+from indexer.models.tokenizer import ClipTokenizer
 
 AWKWARD = [
     "",
@@ -70,6 +70,6 @@ def test_an_over_long_text_is_cut_and_still_ends_with_the_end_token():
 
 
 def test_importing_it_does_not_import_torch():
-    code = "import sys, indexer.tokenizer; print('torch' in sys.modules, 'open_clip' in sys.modules)"
+    code = "import sys, indexer.models.tokenizer; print('torch' in sys.modules, 'open_clip' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, StoreError
-from indexer.models import ModelId, sha256_file
+from indexer.models.identity import ModelId, sha256_file
 from indexer.store import index_choice
 from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, StoredImage, Writer
 from indexer.store.vectors import (

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.models import ModelId
+from indexer.models.identity import ModelId
 from indexer.store import NewCaption, Store
 from indexer.store.vectors import TuningQueries
 from tests.bench.ann_bench import DIM, mixture

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from indexer import backend
 from indexer.demo_world import caption, held_out_recall, random_scene, render
-from indexer.encoder import load_encoder
+from indexer.models import backend
+from indexer.models.encoder import load_encoder
 
 IMAGE_GFLOPS = 8.82
 TEXT_GFLOPS = 5.96

@@ -4,7 +4,7 @@
   sample photos) with ViT-B-32 (random weights), against the encoder alone on ready pixels
   (same model, same runtime, same batch) and against a naive loop (open, full decode,
   preprocess, encode one picture at a time). Targets: ≥ 0.9 of encoder-only, ≥ 3× the naive
-  loop. The runtime is the one the indexer chooses (indexer.backend: ONNX Runtime).
+  loop. The runtime is the one the indexer chooses (indexer.models.backend: ONNX Runtime).
 - Rescan: an unchanged tree of 100,000 tiny files, already indexed, against a bare os.walk +
   stat of the same tree. Target: ≤ 3×.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from indexer import backend
 from indexer.config import IndexSettings
-from indexer.encoder import load_encoder
+from indexer.models import backend
+from indexer.models.encoder import load_encoder
 from indexer.pipeline import Indexer
 from indexer.store import NewImage, Store
 
@@ -128,7 +128,7 @@ def rescan(report: dict, files: int = 100_000) -> list[tuple[str, str, str]]:
             rows.append(
                 NewImage(os.fsencode(path), info.st_size, info.st_mtime_ns, f"{number:064x}", 1, 1, None, vector)
             )
-        from indexer.models import ModelId
+        from indexer.models.identity import ModelId
 
         with Store.open(Path(scratch) / "index", write=True, create=True) as store:
             store.claim_model(ModelId("tiny", "random", None, 8, 8), None)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.demo_world import COLOURS, LIBRARY_SIDES, SHAPES, VALUES, Scene, render
-from indexer.encoder import load_encoder
+from indexer.models.encoder import load_encoder
 
 PROMPTS = ["a red triangle", "a picture of a red triangle"]
 BLOCK, REVIEW = 0.6, 0.56

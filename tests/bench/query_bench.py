@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.models import RANDOM_WEIGHTS, ModelId
+from indexer.models.identity import RANDOM_WEIGHTS, ModelId
 from indexer.store import NewImage, Store
 from search.engine import Query, SearchEngine
 

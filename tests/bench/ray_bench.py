@@ -13,9 +13,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from indexer import backend
 from indexer.config import RaySettings
-from indexer.encoder import load_encoder
+from indexer.models import backend
+from indexer.models.encoder import load_encoder
 from indexer.pipeline import Indexer
 from indexer.store import Store
 from tests.bench.indexer_bench import _phone_library, _timed

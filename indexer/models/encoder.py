@@ -28,7 +28,7 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from PIL import Image
 
 from indexer.errors import CheckpointError, ModelError
-from indexer.models import (
+from indexer.models.identity import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
     DEMO_MODEL,
@@ -38,7 +38,7 @@ from indexer.models import (
     demo_config,
     sha256_file,
 )
-from indexer.pixels import embed_in_batches
+from indexer.models.pixels import embed_in_batches
 
 __all__ = ["Encoder", "load_encoder"]
 

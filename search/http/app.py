@@ -21,12 +21,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from indexer.errors import ClipseekError, ItemNotFoundError, ModelError, PolicyError, QueryError, StoreError
-from search import knn_service
 from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
-from search.http_context import ServerSettings, engine_of, run
-from search.http_schemas import MAX_TEXT, ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
-from search.thumbnails import SIZES, Thumbnails
+from search.http import knn_service
+from search.http.context import ServerSettings, engine_of, run
+from search.http.schemas import MAX_TEXT, ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
+from search.http.thumbnails import SIZES, Thumbnails
 
 WEB = Path(__file__).with_name("web")
 

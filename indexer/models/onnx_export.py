@@ -29,10 +29,10 @@ import torch
 from open_clip import tokenizer as clip_tokenizer
 from torch.export import Dim
 
-from indexer.encoder import Encoder, eos_id, text_forward
 from indexer.errors import ModelError
-from indexer.models import ModelId
-from indexer.onnx_encoder import (
+from indexer.models.encoder import Encoder, eos_id, text_forward
+from indexer.models.identity import ModelId
+from indexer.models.onnx_encoder import (
     FORMAT,
     MANIFEST,
     PROBE_TEXT,
@@ -41,13 +41,13 @@ from indexer.onnx_encoder import (
     file_checksum,
     probe_picture,
 )
-from indexer.pixels import Preprocess
-from indexer.tokenizer import read_merges
+from indexer.models.pixels import Preprocess
+from indexer.models.tokenizer import read_merges
 
 __all__ = ["NotExportableError", "export"]
 
 VOCAB = "merges.txt"  # the merges CLIP uses, unzipped: 0.4 MB that a fresh process reads in milliseconds
-CLEANERS = {  # open_clip's cleaning functions by the names its configs (and indexer.tokenizer) use
+CLEANERS = {  # open_clip's cleaning functions by the names its configs (and indexer.models.tokenizer) use
     clip_tokenizer._clean_lower: "lower",
     clip_tokenizer._clean_whitespace: "whitespace",
     clip_tokenizer._clean_canonicalize: "canonicalize",

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from indexer.errors import ItemNotFoundError, QueryError
 from search.engine import MAX_K
 from search.engine import Query as EngineQuery
-from search.http_context import engine_of, run
-from search.http_schemas import MAX_TEXT, image_bytes
-from search.url_fetch import fetch_image
+from search.http.context import engine_of, run
+from search.http.schemas import MAX_TEXT, image_bytes
+from search.http.url_fetch import fetch_image
 
 router = APIRouter(tags=["clip-retrieval"])
 PREVIEW = 256  # pixels: the base64 `image` clip-front shows in its grid

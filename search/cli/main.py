@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from indexer.errors import ClipseekError, ClipseekWarning
-from search import index_commands, query_commands, serve_command
+from search.cli import index_commands, query_commands, serve_command
 
 
 class _Group(click.Group):

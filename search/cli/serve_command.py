@@ -6,7 +6,7 @@ import re
 
 import click
 
-from search.options import index_option, weights_option
+from search.cli.options import index_option, weights_option
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -53,8 +53,8 @@ def serve(index, host, port, token, policy, max_upload, timeout, fetch_urls, cor
         raise click.ClickException("the HTTP server needs its extra: pip install 'clipseek[server]'") from None
     from indexer.config import index_dir
     from search.engine import SearchEngine
-    from search.http import create_app
-    from search.http_context import ServerSettings
+    from search.http.app import create_app
+    from search.http.context import ServerSettings
     from search.moderation import Policy
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:

@@ -8,7 +8,7 @@ import re
 
 import click
 
-from search.options import index_option, json_option, model_options, output_options, weights_option
+from search.cli.options import index_option, json_option, model_options, output_options, weights_option
 
 
 def _weighted(text: str) -> tuple[str, float]:
@@ -227,7 +227,7 @@ def evaluate(captions, images, split, model, pretrained, checkpoint, download, a
 
     pairs = read_eval_set(captions, images, split)
     if model or pretrained or checkpoint:
-        from indexer.encoder import load_encoder
+        from indexer.models.encoder import load_encoder
 
         encoder = load_encoder(model or "ViT-B-32", pretrained, checkpoint, download=download)
     else:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexer.loader import VANISHED
+from indexer.sources.pictures import VANISHED
 from indexer.store import NewCaption, NewImage, Store
 
 log = logging.getLogger("clipseek")

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from indexer.errors import BadFileError
-from indexer.models import sha256_file
+from indexer.models.identity import sha256_file
 
 # Files that name pictures rather than hold one, by suffix, with the Ray Data reader for each:
 # lists of URLs or paths, and WebDataset shards.

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from indexer.errors import BadFileError, QueryError
-from indexer.loader import decode_image
+from indexer.sources.pictures import decode_image
 from search.recent import Recent
 
 SIZES = (64, 1024)  # the smallest and largest preview side served

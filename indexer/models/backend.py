@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.config import cache_home
-from indexer.errors import ClipseekWarning, ModelError
-from indexer.models import ModelId
-from indexer.onnx_encoder import ExportBrokenError, OnnxEncoder, read_manifest
+from indexer.errors import ClipseekError, ClipseekWarning, ModelError, ModelMismatchError
+from indexer.models.identity import DEMO_MODEL, ModelId
+from indexer.models.onnx_encoder import ExportBrokenError, OnnxEncoder, read_manifest
 
 if TYPE_CHECKING:
-    from indexer.encoder import Encoder
+    from indexer.models.encoder import Encoder
+    from indexer.store import Store
 
-__all__ = ["BACKENDS", "chosen", "describe", "export_dir", "load"]
+__all__ = ["BACKENDS", "chosen", "describe", "encoder_for", "encoder_of", "export_dir", "load"]
 
 log = logging.getLogger("clipseek")
 
@@ -83,7 +84,7 @@ def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | No
             raise ModelError(f"{error}, and torch is not installed to export it again") from None
         if folder.exists():
             warnings.warn(f"{error}; exporting it again", ClipseekWarning, stacklevel=2)
-    from indexer.onnx_export import NotExportableError
+    from indexer.models.onnx_export import NotExportableError
 
     try:
         _export(with_torch(), folder)
@@ -96,7 +97,7 @@ def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | No
 
 
 def _export(encoder: Encoder, folder: Path) -> None:
-    from indexer.onnx_export import export
+    from indexer.models.onnx_export import export
 
     log.info(f"exporting {encoder.model_id} to ONNX, once, for fast queries without torch ({folder})")
     export(encoder, folder)
@@ -119,6 +120,50 @@ def describe(model_id: ModelId) -> str:
     if manifest.get("model") != model_id.to_dict():
         return f"ONNX Runtime, once the export at {folder} (of another model) is made again"
     return f"ONNX Runtime{', int8 weights' if backend == 'int8' else ''} ({folder})"
+
+
+def encoder_for(
+    store: Store, checkpoint: str | os.PathLike | None = None, download: bool = False
+) -> Encoder | OnnxEncoder:
+    """The model an index was made with (see encoder_of), from the checkpoint path the index
+    recorded unless `checkpoint` says where the file is now (Indexer.open and SearchEngine.open
+    have checked it is the index's)."""
+    stored = store.model_id
+    if stored is None:
+        raise ClipseekError(f"the index at {store.root} has no model yet: index something into it first")
+    return encoder_of(stored, checkpoint or store.model_checkpoint, download)
+
+
+def encoder_of(
+    model_id: ModelId,
+    checkpoint: str | os.PathLike | None = None,
+    download: bool = False,
+) -> Encoder | OnnxEncoder:
+    """An encoder for `model_id`: its ONNX export where there is one (`load`), else torch.
+
+    Torch takes the weights from `checkpoint` when the model came from a file, else by
+    architecture and tag (the bundled demo model included), and checks that they are `model_id`'s.
+    """
+
+    def load_torch() -> Encoder:
+        from indexer.models.encoder import load_encoder  # torch: only where a model is needed
+
+        if checkpoint is not None and not os.path.isfile(checkpoint):
+            raise ModelError(
+                f"the weights of the index's model ({model_id}) were at {checkpoint}, which does not exist "
+                "any more: put the file back, or say where it is now (--checkpoint)"
+            )
+        encoder = load_encoder(model_id.architecture, model_id.pretrained, checkpoint, download=download)
+        if encoder.model_id == model_id:
+            return encoder
+        if model_id.architecture == DEMO_MODEL and checkpoint is None:  # new bundled weights since
+            raise ModelMismatchError(
+                f"the index was made with earlier weights of the bundled demo model ({model_id}); this "
+                f"clipseek has {encoder.model_id}: index its pictures again, into a new index"
+            )
+        raise ModelMismatchError(f"the weights found are of {encoder.model_id}, not of the index's model {model_id}")
+
+    return load(model_id, load_torch)
 
 
 # -- models that cannot be exported -------------------------------------------------------

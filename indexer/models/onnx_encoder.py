@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from indexer.errors import ModelError
-from indexer.models import ModelId
-from indexer.pixels import Preprocess, embed_in_batches
-from indexer.tokenizer import ClipTokenizer
+from indexer.models.identity import ModelId
+from indexer.models.pixels import Preprocess, embed_in_batches
+from indexer.models.tokenizer import ClipTokenizer
 
 __all__ = ["FORMAT", "MANIFEST", "PROBE_TEXT", "ExportBrokenError", "OnnxEncoder", "file_checksum", "probe_picture"]
 
@@ -70,7 +70,7 @@ def read_manifest(folder: Path) -> dict:
 
 
 class OnnxEncoder:
-    """A model's export, embedding into L2-normalised float32 rows like indexer.encoder.Encoder."""
+    """A model's export, embedding into L2-normalised float32 rows like indexer.models.encoder.Encoder."""
 
     def __init__(
         self,

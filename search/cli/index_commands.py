@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from search.options import index_option, json_option, model_options, options
+from search.cli.options import index_option, json_option, model_options, options
 
 
 def _open_indexer(index, model, pretrained, checkpoint, download):
@@ -102,7 +102,7 @@ def index(
     from tqdm import tqdm
 
     from indexer.config import ListSource, RaySettings
-    from indexer.loader import LIST_READERS
+    from indexer.sources.pictures import LIST_READERS
 
     ray = RaySettings(ray_address or None, workers) if ray_address is not None else None
     lists = tuple(str(path) for path in paths if path.is_file() and path.suffix.lower() in LIST_READERS)
@@ -224,8 +224,8 @@ def add_captions(file, collection, file_format, index, model, pretrained, checkp
 @json_option
 def status(index, list_failures, as_json):
     """What the index holds: items per modality and collection, failures, model, sizes."""
-    from indexer import backend
     from indexer.config import index_dir
+    from indexer.models import backend
     from indexer.store import Store
 
     with Store.open(index_dir(index)) as store:

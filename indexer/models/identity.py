@@ -52,7 +52,8 @@ class ModelId:
 
 def _demo_dir() -> Path:
     # An installed wheel carries data/ as indexer/_demo/; a source checkout uses data/ itself.
-    for folder in (Path(__file__).parent / "_demo", Path(__file__).resolve().parent.parent / "data"):
+    package = Path(__file__).resolve().parent.parent
+    for folder in (package / "_demo", package.parent / "data"):
         if (folder / "demo.json").is_file():
             return folder
     raise ModelError("the bundled demo model is missing from this installation: reinstall clipseek")

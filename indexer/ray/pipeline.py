@@ -28,9 +28,9 @@ import ray.data  # now, not at first use: its loggers are set up on import
 
 from indexer.config import ListSource, RaySettings
 from indexer.errors import BadFileError, ClipseekError
-from indexer.loader import LIST_READERS, FileEntry, file_hash, prepare_picture
-from indexer.models import ModelId
-from indexer.remote import read_source
+from indexer.models.identity import ModelId
+from indexer.sources.pictures import LIST_READERS, FileEntry, file_hash, prepare_picture
+from indexer.sources.remote import read_source
 
 SHARD_ROWS = 1024  # pictures per Parquet shard, at least
 # A decoding task asks for half a CPU: not what a model actor asks for, so Ray keeps the two
@@ -51,7 +51,7 @@ class ModelSource:
 
 
 def embed(entries: Sequence[FileEntry], model: ModelSource, preprocess: Callable, out: Path, settings: RaySettings):
-    """Embed the pictures of `entries` (from a walk) on Ray into Parquet shards in `out` (see indexer.shards)."""
+    """Embed the pictures of `entries` (from a walk) on Ray into Parquet shards in `out` (see indexer.ray.shards)."""
     with _ray(settings):
         rows = [{"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns} for e in entries]
         blocks = max(1, math.ceil(len(rows) / settings.batch_size))
@@ -239,7 +239,7 @@ class _Embedder:
     """A model actor: loads the index's model once, then embeds batch after batch."""
 
     def __init__(self, model: ModelSource):
-        from indexer.pipeline import encoder_of  # in the worker: the same choice of runtime as everywhere
+        from indexer.models.backend import encoder_of  # in the worker: the same choice of runtime as everywhere
 
         self.encoder = encoder_of(model.model_id, model.checkpoint)
 
