@@ -2,23 +2,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.clipseek-installed
+BASE := $(VENV)/.clipseek-installed
+DEV := $(VENV)/.clipseek-dev-installed
 DEMO_DIR ?= .demo
 DEMO_QUERY ?= a large red circle
 
 .PHONY: demo test lint bench bench-10m install clean
 
-install: $(STAMP)
+install: $(BASE)
 
-$(STAMP): pyproject.toml
+# The demo needs clipseek alone; the tests, lint and bench need the dev extra too.
+$(BASE): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(BASE)
+
+$(DEV): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(DEV) $(BASE)
 
 # Generate a demo library, index it and its captions with the bundled demo model (an index of
 # its own under $(DEMO_DIR)/home), then search it: text → image, then image → caption.
 demo: export CLIPSEEK_HOME = $(abspath $(DEMO_DIR))/home
-demo: $(STAMP)
+demo: $(BASE)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/clipseek demo $(DEMO_DIR)/library --count 200
 	$(BIN)/clipseek index $(DEMO_DIR)/library --model demo
@@ -27,21 +34,22 @@ demo: $(STAMP)
 	$(BIN)/clipseek search "$(DEMO_QUERY)" -k 5
 	$(BIN)/clipseek search --image "$$($(BIN)/clipseek search "$(DEMO_QUERY)" -k 1 --paths)" --texts -k 3
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Test files run in parallel on every core, each file on one worker (its module fixtures built once).
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python -m tests.bench --out bench-report.json
+	$(BIN)/python -m tests.bench --out bench-report.json --markdown bench-report.md --readme README.md
 
 # The long one, on demand: 10,000,000 vectors through the store as IVF-PQ in 4 GiB (~20 min,
 # ~25 GB of scratch disk, in BENCH_DIR when given, else the system's temporary folder).
-bench-10m: $(STAMP)
+bench-10m: $(DEV)
 	$(BIN)/python -m tests.bench.ann_10m --out bench-10m-report.json $(if $(BENCH_DIR),--dir $(BENCH_DIR))
 
 clean:
-	rm -rf $(DEMO_DIR) bench-report.json bench-10m-report.json .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) bench-report.json bench-report.md bench-10m-report.json .pytest_cache .ruff_cache
