@@ -14,7 +14,7 @@ import pytest
 from indexer.errors import StoreError
 from indexer.models.identity import ModelId
 from indexer.store import NewImage, Store
-from indexer.store.index_choice import FLAT_UP_TO, choose, parse_size
+from indexer.store.index_choice import DEFAULT_LATENCY_MS, choose, parse_latency, parse_size
 from indexer.store.vectors import KINDS, TuningQueries, exact_top
 from search.cli.index_commands import INDEX_TYPES
 
@@ -161,19 +161,51 @@ def test_the_cli_remembers_the_index_type_and_status_shows_it(index):
     assert small.returncode == 1 and "over the memory budget" in small.stderr and "Traceback" not in small.stderr
 
 
-def test_auto_keeps_exact_search_then_clusters_then_compresses():
-    gib = 2**30
-    assert choose(10_000, 512).kind == "flat"
-    assert choose(FLAT_UP_TO, 512).kind == "flat"
-    assert choose(1_000_000, 512).kind == "ivf"  # 2 GiB of full vectors fit the default 4 GiB
-    compressed = choose(10_000_000, 512, budget=4 * gib)
+def test_auto_decides_by_the_latency_budget_remembers_it_and_keeps_exact_answers(index, planted):
+    root, _ = index  # 4,120 vectors of 64 dimensions: one exact search takes well under a millisecond
+    fast = run("optimize", "--index", root, "--latency-budget", "1s")
+    assert fast.stdout.startswith("images: flat (exact search); exact search of 4,120 took ")
+    assert "within the 1000 ms budget" in fast.stdout
+    slow = run("optimize", "--index", root, "--latency-budget", "0.001ms")
+    assert slow.stdout.startswith("images: ivf (") and "over the 0.001 ms budget" in slow.stdout
+    assert "over the 0.001 ms budget" in run("status", "--index", root).stdout
+    with Store.open(root, write=True) as store:
+        assert store.index_setting() == ("auto", 4 << 30, 0.001)  # remembered
+        assert store.fit() == {}  # the next write keeps the kind it chose
+        spec = store.vectors("image").spec
+        assert spec.kind == "ivf" and spec.recall >= spec.target == 0.95
+        for query in planted:  # re-ranked: the exact neighbours and their true scores
+            ids, scores = store.nearest("image", query, 10)
+            expected, true_scores = brute_force(store, query, 10)
+            assert np.array_equal(ids, expected) and np.allclose(scores, true_scores)
+        store.index_setting(latency_ms=1000.0)
+        assert store.fit()["image"].kind == "flat"  # a faster machine, or a looser budget: exact again
+    bad = run("optimize", "--index", root, "--latency-budget", "soon")
+    assert bad.returncode == 1 and "a latency budget is a time like 10ms" in bad.stderr
+
+
+def test_auto_keeps_exact_search_within_the_latency_budget_then_clusters_then_compresses():
+    gib, slow = 2**30, 1000.0  # exact search times given, as measured on a slow machine
+    assert choose(300_000, 512, exact_ms=9.0)[0].kind == "flat"  # within the default 10 ms
+    spec, decision = choose(300_000, 512, exact_ms=12.0)
+    assert spec.kind == "ivf" and spec.target == 0.99  # nearly fast enough: the switch must not show
+    assert decision.describe() == "exact search of 300,000 took 12.0 ms here, over the 10 ms budget"
+    assert choose(300_000, 512, exact_ms=60.0)[0].target == 0.95
+    assert choose(300_000, 512, exact_ms=9.0, current="ivf")[0].kind == "ivf"  # timing noise changes nothing
+    assert choose(300_000, 512, exact_ms=7.0, current="ivf")[0].kind == "flat"  # a faster machine
+    assert choose(1_000_000, 512, exact_ms=slow)[0].kind == "ivf"  # 2 GiB of full vectors fit the default 4 GiB
+    compressed, _ = choose(10_000_000, 512, budget=4 * gib, exact_ms=slow)
     assert compressed.kind == "ivfpq" and compressed.code_bytes == 64
-    assert choose(100_000_000, 512, budget=16 * gib).code_bytes == 64  # 7.2 GB of 72-byte entries
+    assert choose(100_000_000, 512, budget=16 * gib, exact_ms=slow)[0].code_bytes == 64  # 72-byte entries
     with pytest.raises(StoreError, match="over the memory budget"):
-        choose(1_000_000_000, 512, budget=4 * gib)
+        choose(1_000_000_000, 512, budget=4 * gib, exact_ms=slow)
     with pytest.raises(StoreError, match="needs at least"):
         choose(100, 512, "ivf")
+    assert choose(500, 512, latency_ms=0.0001)[0].kind == "flat"  # too few vectors to cluster
     assert parse_size("4G") == 4 * gib and parse_size("512M") == 512 * 2**20 and parse_size("800k") == 800 * 1024
+    assert parse_latency("10ms") == parse_latency("10") == DEFAULT_LATENCY_MS and parse_latency("0.5s") == 500
+    with pytest.raises(StoreError, match="a latency budget is a time"):
+        parse_latency("fast")
     assert ("auto", *KINDS) == INDEX_TYPES
 
 
@@ -194,7 +226,9 @@ def test_fit_rebuilds_what_the_setting_outgrew_and_keeps_what_it_cannot_build(tm
         assert store.fit(progress=lambda phase, *_: messages.append(phase))["image"].kind == "ivf"
         assert store.fit(progress=lambda phase, *_: messages.append(phase)) == {}  # fits now: left alone
     with Store.open(large) as store:
-        assert store.index_setting() == ("ivf", 4 << 30) and store.vectors("image").spec.kind == "ivf"
+        assert (
+            store.index_setting() == ("ivf", 4 << 30, DEFAULT_LATENCY_MS) and store.vectors("image").spec.kind == "ivf"
+        )
 
 
 def test_tuning_widens_the_shortlist_when_pq_codes_cannot_order_the_neighbours(tmp_path):

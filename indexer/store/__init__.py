@@ -37,6 +37,7 @@ from indexer.store.vectors import (
     rerank,
     training_size,
     tune,
+    write_atomically,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ log = logging.getLogger("clipseek")
 
 MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
+DECISIONS = "index-choice.json"  # why `auto` chose each kind, on the machine that measured it
 EXACT_FILTER = 20_000  # filters matching at most this many items are searched exactly (~40 MB of embeddings at 512-d)
 
 # A long rebuild reports (phase, done, total) as it goes, e.g. ("images: adding", 300_000, 1_000_000);
@@ -265,8 +267,9 @@ class Store:
             progress(f"{name}: adding", done, max(count, done))
         if queries is None or not done:
             return index
-        progress(f"{name}: tuning to recall@10 ≥ 0.95", 0, 0)
-        return tune(index, queries, self.catalog.embeddings_of)
+        target = spec.target or index_choice.RECALL
+        progress(f"{name}: tuning to recall@10 ≥ {target:g}", 0, 0)
+        return tune(index, queries, self.catalog.embeddings_of, target)
 
     def _counts(self) -> dict[str, int]:
         """Items per modality (one scan of the catalog: seconds at ten million items)."""
@@ -306,60 +309,75 @@ class Store:
             return found, np.zeros(0, np.float32)
         return rerank(vector, found, vectors, k)
 
-    def index_setting(self, kind: str | None = None, budget: int | None = None) -> tuple[str, int]:
-        """The index type and memory budget this index keeps to (default auto, 4 GiB); given ones are remembered."""
+    def index_setting(
+        self, kind: str | None = None, budget: int | None = None, latency_ms: float | None = None
+    ) -> tuple[str, int, float]:
+        """The index type, memory budget and latency budget this index keeps to (default auto,
+        4 GiB, 10 ms); given ones are remembered."""
         setting = json.loads(self.catalog.get("index_setting") or "{}")
-        asked = {key: value for key, value in (("kind", kind), ("budget", budget)) if value is not None}
+        given = (("kind", kind), ("budget", budget), ("latency_ms", latency_ms))
+        asked = {key: value for key, value in given if value is not None}
         if asked and {**setting, **asked} != setting:
             index_choice.check_kind(asked.get("kind", "auto"))
             setting = {**setting, **asked}
             with self.catalog.write() as writer:
                 writer.set("index_setting", setting)
-        return setting.get("kind", "auto"), setting.get("budget", index_choice.DEFAULT_BUDGET)
+        return (
+            setting.get("kind", "auto"),
+            setting.get("budget", index_choice.DEFAULT_BUDGET),
+            setting.get("latency_ms", index_choice.DEFAULT_LATENCY_MS),
+        )
 
     def fit(self, progress: Progress = log_progress) -> dict[str, IndexSpec]:
         """Rebuild the vector files that are stale (after a bulk load) or whose kind no longer fits:
-        the collection outgrew exact search, or the index type or budget changed. What fits
-        already is left alone (`optimize` retunes it); a kind that cannot be built yet (too few
-        vectors, too small a budget) is said, and the files stay as they are."""
-        kind, budget = self.index_setting()
+        exact search got slower than the latency budget on this machine (or faster again), or the
+        index type or budgets changed. What fits already is left alone (`optimize` retunes it); a
+        kind that cannot be built yet (too few vectors, too small a budget) is said, and the files
+        stay as they are."""
+        kind, budget, latency = self.index_setting()
         counts = self._counts()
-        rebuild = []
+        plan = {}
         for modality, count in counts.items():
             current = self._vectors.get(modality) or self._load(modality)[0]
             if current is not None:
                 self._vectors[modality] = current
             elif not count:
                 continue
+            was = current.spec.kind if current is not None else None
             try:
-                fits = index_choice.choose(count, self.model_id.dim, kind, budget).kind
+                spec, decision = index_choice.choose(count, self.model_id.dim, kind, budget, latency, was)
             except StoreError as error:
-                stays = current.spec.kind if current is not None else "as last built"
-                progress(f"{modality}s: {error}; the vector file stays {stays}", 0, 0)
+                progress(f"{modality}s: {error}; the vector file stays {was or 'as last built'}", 0, 0)
                 continue
-            if current is None or fits != current.spec.kind:
-                rebuild.append(modality)
-        return self.optimize(kind, budget, progress, rebuild, counts) if rebuild else {}
+            self._note_decision(modality, decision)
+            if spec.kind != was:
+                plan[modality] = spec
+        return self._rebuild_as(plan, counts, progress)
 
     def optimize(
         self,
         kind: str = "auto",
         budget: int = index_choice.DEFAULT_BUDGET,
         progress: Progress = log_progress,
-        modalities: Iterable[str] = MODALITIES,
-        counts: dict[str, int] | None = None,
+        latency_ms: float = index_choice.DEFAULT_LATENCY_MS,
     ) -> dict[str, IndexSpec]:
         """Rebuild each modality's vector file as the kind that fits it now (index_choice.choose),
-        tuned to recall@10 ≥ 0.95; the old file serves readers until the new one replaces it."""
-        counts = counts or self._counts()
+        tuned to its recall target; the old file serves readers until the new one replaces it."""
+        counts = self._counts()
+        plan = {}
+        for modality, count in counts.items():
+            if count:
+                plan[modality], decision = index_choice.choose(count, self.model_id.dim, kind, budget, latency_ms)
+                self._note_decision(modality, decision)
+        return self._rebuild_as(plan, counts, progress)
+
+    def _rebuild_as(
+        self, plan: dict[str, IndexSpec], counts: dict[str, int], progress: Progress
+    ) -> dict[str, IndexSpec]:
         chosen = {}
-        for modality in modalities:
-            count = counts[modality]
-            if not count:
-                continue
+        for modality, spec in plan.items():
             self._vectors.pop(modality, None)  # the old index's memory, free for the new one
-            spec = index_choice.choose(count, self.model_id.dim, kind, budget)
-            index = self._build(modality, spec, count, progress)
+            index = self._build(modality, spec, counts[modality], progress)
             with self.catalog.write() as writer:  # first: a rebuild after a crash makes this kind again
                 writer.set(f"index_spec.{modality}", index.spec.to_dict())
             self._vectors[modality] = index
@@ -367,6 +385,26 @@ class Store:
             self.flush()
             chosen[modality] = index.spec
         return chosen
+
+    def _note_decision(self, modality: str, decision: index_choice.Decision | None) -> None:
+        """Why `auto` chose each kind, for `status`: a file beside the vector files rather than a
+        catalog row, since it belongs to the machine that measured it (and a commit would wake
+        every reader)."""
+        path = self.root / DECISIONS
+        try:
+            noted = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            noted = {}
+        noted[modality] = decision.to_dict() if decision else None
+        write_atomically(path, json.dumps(noted, sort_keys=True).encode())
+
+    def decisions(self) -> dict[str, index_choice.Decision]:
+        """The decisions `auto` last noted, by modality (none where a kind was asked for)."""
+        try:
+            noted = json.loads((self.root / DECISIONS).read_text(encoding="utf-8"))
+            return {modality: index_choice.Decision(**value) for modality, value in noted.items() if value}
+        except (OSError, ValueError, TypeError):
+            return {}
 
     def check(self) -> list[str]:
         """Everything that disagrees between catalog and vector files; empty when consistent."""
@@ -397,11 +435,13 @@ class Store:
             if (self.root / name).exists():
                 sizes[name] = (self.root / name).stat().st_size
         updated = self.catalog.get("updated_at")
+        decisions = self.decisions()
         return StoreStatus(
             path=str(self.root),
             model=self.model_id,
             index_type=", ".join(
                 f"{modality}s {read_spec(self._vector_path(modality)).describe()}"
+                + (f"; {decisions[modality].describe()}" if modality in decisions else "")
                 for modality in MODALITIES
                 if self._vector_path(modality).exists()
             )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +27,7 @@ import numpy as np
 KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 TRAINING_SAMPLE = 50  # vectors per IVF cluster used to train it (FAISS wants at least 39)
 ADD_BLOCK = 100_000  # vectors added at a time: progress to report, and bounded float32 copies
+EXACT_SAMPLE = 32_768  # vectors an exact-search timing scans (64 MiB at 512-d: past the caches already)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class IndexSpec:
     code_bytes: int | None = None  # ivfpq: bytes per vector
     shortlist: int | None = None  # approximate kinds: candidates re-ranked exactly for 10 hits
     recall: float | None = None  # recall@10 against exact search, measured when it was built
+    target: float | None = None  # the recall@10 tuning aimed for
 
     @property
     def exact(self) -> bool:
@@ -60,6 +64,7 @@ class IndexSpec:
         if not self.exact:
             settings += f", best {self.candidates(10)} re-ranked"
         measured = f"; recall@10 {self.recall:.3f} when built" if self.recall is not None else ""
+        measured += f" (target {self.target:g})" if self.recall is not None and self.target else ""
         return f"{self.kind} ({settings}{measured})"
 
     def candidates(self, k: int) -> int:
@@ -198,7 +203,7 @@ class VectorIndex:
         _fsync(temporary)
         os.replace(temporary, path)
         stamp = Stamp(generation, self.count, path.stat().st_size, self.spec.to_dict())
-        _write_atomically(_stamp_path(path), json.dumps(stamp.__dict__).encode())
+        write_atomically(_stamp_path(path), json.dumps(stamp.__dict__).encode())
         _fsync(path.parent)
 
     @classmethod
@@ -231,6 +236,24 @@ class VectorIndex:
         if index.ntotal != stamp.count:
             return None, f"holds {index.ntotal} vectors, stamped {stamp.count}"
         return cls(index, spec), ""
+
+
+def exact_search_ms(count: int, dim: int, repeats: int = 7) -> float:
+    """Milliseconds one exact top-10 search of `count` vectors of `dim` takes on this machine:
+    the median of `repeats` single-query searches over up to EXACT_SAMPLE random vectors, scaled
+    to `count` (a scan's time is linear in the vectors it reads)."""
+    sample = max(1, min(count, EXACT_SAMPLE))
+    rng = np.random.default_rng(0)
+    index = faiss.IndexFlatIP(dim)
+    index.add(rng.random((sample, dim), dtype=np.float32))
+    query = rng.random((1, dim), dtype=np.float32)
+    index.search(query, 10)  # the first search pays for page faults, not the scan
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        index.search(query, 10)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times) * count / sample
 
 
 def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -375,7 +398,7 @@ def _stamp_path(path: Path) -> Path:
     return path.with_name(path.name + ".stamp")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as out:
         out.write(data)

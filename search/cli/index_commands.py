@@ -50,6 +50,11 @@ index_type_options = options(
     click.option(
         "--memory-budget", metavar="SIZE", help="Memory the vector indexes may use, e.g. 4G [remembered; 4G]."
     ),
+    click.option(
+        "--latency-budget",
+        metavar="TIME",
+        help="auto: exact search while one takes at most this here, e.g. 10ms [remembered; 10ms].",
+    ),
 )
 
 
@@ -81,6 +86,7 @@ def index(
     download,
     index_type,
     memory_budget,
+    latency_budget,
     ray_address,
     workers,
     url_column,
@@ -118,7 +124,7 @@ def index(
         bar.update(done - bar.n)
 
     with _open_indexer(index, model, pretrained, checkpoint, download) as indexer, _stop_on_interrupt() as stop, bar:
-        indexer.store.index_setting(index_type, _budget(memory_budget))
+        indexer.store.index_setting(index_type, _budget(memory_budget), _latency(latency_budget))
         if lists:
             report = indexer.index_list(ListSource(lists, url_column, caption_column, collection), ray, progress)
         else:
@@ -155,11 +161,18 @@ def _budget(text: str | None) -> int | None:
     return parse_size(text) if text is not None else None
 
 
+def _latency(text: str | None) -> float | None:
+    from indexer.store.index_choice import parse_latency
+
+    return parse_latency(text) if text is not None else None
+
+
 @click.command()
 @index_option
 @index_type_options
-def optimize(index, index_type, memory_budget):
-    """Rebuild the vector files as the index kind that fits the collection now, tuned to recall@10 ≥ 0.95.
+def optimize(index, index_type, memory_budget, latency_budget):
+    """Rebuild the vector files as the index kind that fits the collection now, tuned to recall@10 ≥ 0.95
+    (0.99 where exact search was nearly within the latency budget).
 
     Searches keep being answered from the old files until the new ones replace them.
     """
@@ -167,10 +180,12 @@ def optimize(index, index_type, memory_budget):
     from indexer.store import Store
 
     with Store.open(index_dir(index), write=True) as store:
-        kind, budget = store.index_setting(index_type, _budget(memory_budget))
-        chosen = store.optimize(kind, budget, _progress_bars())
+        kind, budget, latency = store.index_setting(index_type, _budget(memory_budget), _latency(latency_budget))
+        chosen = store.optimize(kind, budget, _progress_bars(), latency)
+        decisions = store.decisions()
     for modality, spec in chosen.items():
-        click.echo(f"{modality}s: {spec.describe()}")
+        why = f"; {decisions[modality].describe()}" if modality in decisions else ""
+        click.echo(f"{modality}s: {spec.describe()}{why}")
 
 
 def _progress_bars():

@@ -80,10 +80,10 @@ def run(report: dict) -> list[tuple[str, str, str]]:
     rows = []
 
     truth = exact_top(vectors, queries, 10)
-    flat, _, _ = _built(choose(LARGE, DIM, "flat", budget=8 << 30), vectors)
+    flat, _, _ = _built(choose(LARGE, DIM, "flat", budget=8 << 30)[0], vectors)
     exact = _measure(flat, vectors, queries, truth)
     del flat
-    spec = choose(LARGE, DIM, "auto", DEFAULT_BUDGET)
+    spec, _ = choose(LARGE, DIM, "auto", DEFAULT_BUDGET)
     chosen, build_seconds, per_vector = _built(spec, vectors)
     approximate = _measure(chosen, vectors, queries, truth)
     speedup = exact["p50_ms"] / approximate["p50_ms"]
@@ -110,7 +110,7 @@ def run(report: dict) -> list[tuple[str, str, str]]:
     subset = vectors[:TABLE]
     truth = exact_top(subset, queries, 10)
     for kind in ("flat", "hnsw", "ivf", "ivfpq"):
-        index, seconds, per_vector = _built(choose(TABLE, DIM, kind), subset)
+        index, seconds, per_vector = _built(choose(TABLE, DIM, kind)[0], subset)
         figures = _measure(index, subset, queries, truth)
         report[f"200k {kind}"] = {**figures, "build_s": seconds, "bytes_per_vector": per_vector}
         rows.append(
