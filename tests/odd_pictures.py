@@ -1,14 +1,31 @@
-"""Pictures that real folders hold and decoders find odd, made byte by byte where Pillow will not
-write them: deep greys with their significant bits declared, a camera's multi-picture JPEG,
-files that make Pillow warn or log."""
+"""Pictures that real folders and uploads hold and decoders find odd, made byte by byte where Pillow
+will not write them: a tiny PNG that declares a huge size, deep greys with their significant
+bits declared, a camera's multi-picture JPEG, files that make Pillow warn or log."""
 
 from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def huge_png(width: int = 12_000, height: int = 12_000) -> bytes:
+    """A valid 1-bit PNG of `width` × `height` black pixels: some 20 KB on disk, 144 MP decoded."""
+    rows = (b"\0" * (1 + (width + 7) // 8)) * height  # each row: filter type 0, then the bits
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows, 9))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def deep_png(values: np.ndarray, significant_bits: int | None = None) -> bytes:

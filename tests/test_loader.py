@@ -6,11 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from indexer.errors import BadFileError
+from indexer.config import PIXEL_BUDGET
+from indexer.errors import BadFileError, PixelBudgetError
 from indexer.sources.pictures import FORMATS, decode_image, file_hash, walk
-from tests.odd_pictures import deep_png, mpo, packed_12bit_tiff, tiff_with_samples
+from tests.odd_pictures import deep_png, huge_png, mpo, packed_12bit_tiff, tiff_with_samples
 
 HEIF = pytest.mark.skipif("HEIF" not in FORMATS, reason="pillow-heif is not installed (pip install 'clipseek[heif]')")
 
@@ -183,7 +184,7 @@ def test_every_supported_format_decodes(tmp_path, suffix):
     assert np.abs(np.asarray(decoded.image).astype(int)[20, 40] - (30, 160, 220)).max() <= 12
 
 
-# -- deep greys, multi-picture JPEGs, Pillow's notes --------------------------------------------
+# -- deep greys, multi-picture JPEGs, Pillow's notes, the pixel budget -----------------------------
 
 TWELVE_BIT = (np.arange(64 * 32).reshape(32, 64) * 2) % 4096  # every 12-bit value, dark and bright
 EIGHT_BIT = np.round(TWELVE_BIT / 4095 * 255)
@@ -236,3 +237,26 @@ def test_pillows_log_lines_go_into_the_reason_of_the_thread_that_caused_them(tmp
     assert len(set(reasons[0::2])) == 1
     assert reasons[0].endswith("(Pillow: More samples per pixel than can be decoded: 9)")
     assert all("Pillow" not in text for text in reasons[1::2])
+
+
+def decoding_forbidden(image):
+    raise AssertionError("the picture was decoded")
+
+
+def test_a_pixel_budget_refuses_a_huge_picture_from_its_header(monkeypatch):
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoding_forbidden)
+    data = huge_png(12_000, 12_000)
+    assert len(data) < 30_000
+    with pytest.raises(PixelBudgetError, match=r"^12000 × 12000 pixels \(144 MP\) is over the pixel budget of 50 MP$"):
+        decode_image(io.BytesIO(data), 224, PIXEL_BUDGET)
+    # past Pillow's own limit, a budget still answers as a budget
+    with pytest.raises(PixelBudgetError, match=r"^more than 179 MP is over the pixel budget of 50 MP$"):
+        decode_image(io.BytesIO(bomb_png()), 224, PIXEL_BUDGET)
+
+
+def test_the_budget_counts_one_frame_and_only_the_first_is_decoded(tmp_path):
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    path = save(frames[0], tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert tuple(np.asarray(decode_image(path, 16, max_pixels=64 * 64).image)[5, 5]) == (255, 0, 0)
+    with pytest.raises(PixelBudgetError, match=r"64 × 64 pixels \(0.0041 MP\) is over the pixel budget of 0.004 MP"):
+        decode_image(path, 16, max_pixels=4000)

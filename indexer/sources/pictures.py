@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from indexer.errors import BadFileError
+from indexer.errors import BadFileError, PixelBudgetError
 from indexer.models.identity import sha256_file
 from indexer.sources import decoder_notes
 from indexer.sources.bit_depth import declared_bits, scale_top
@@ -139,16 +139,22 @@ def file_hash(path: bytes) -> str:
         raise BadFileError(_reason(error)) from error
 
 
-def decode_image(source: bytes | BinaryIO, side: int) -> DecodedImage:
+def decode_image(source: bytes | BinaryIO, side: int, max_pixels: int | None = None) -> DecodedImage:
     """Decode a picture (a path, or an open binary file) for a model whose input is `side` pixels square.
 
-    Raises BadFileError with the reason when it is not a picture clipseek reads; the reason ends
-    with what Pillow logged about it, if anything.
+    With `max_pixels`, a picture whose header declares more pixels is refused with
+    PixelBudgetError before any of it is decoded. Raises BadFileError with the reason when it
+    is not a picture clipseek reads; the reason ends with what Pillow logged about it, if anything.
     """
     with decoder_notes.collected() as notes:
         try:
-            return _decode(source, side)
+            return _decode(source, side, max_pixels)
         except Image.DecompressionBombError as error:
+            if max_pixels is not None:
+                raise PixelBudgetError(
+                    f"more than {_megapixels(2 * Image.MAX_IMAGE_PIXELS)} is over the pixel budget of "
+                    f"{_megapixels(max_pixels)}"
+                ) from error
             raise _bad(f"decompression bomb refused: {error}", notes) from error
         except UnidentifiedImageError as error:
             if _is_empty(source):
@@ -156,7 +162,7 @@ def decode_image(source: bytes | BinaryIO, side: int) -> DecodedImage:
             raise _bad("not a picture in a supported format (" + ", ".join(FORMATS) + ")", notes) from error
         except FileNotFoundError as error:
             raise BadFileError(VANISHED) from error
-        except BadFileError:
+        except (BadFileError, PixelBudgetError):
             raise
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             # Pillow's ways of saying truncated or corrupt
@@ -167,9 +173,14 @@ def decode_image(source: bytes | BinaryIO, side: int) -> DecodedImage:
             raise _bad(f"cannot decode: {type(error).__name__}: {error}", notes) from error
 
 
-def _decode(source: bytes | BinaryIO, side: int) -> DecodedImage:
-    with Image.open(source, formats=FORMATS) as image:
+def _decode(source: bytes | BinaryIO, side: int, max_pixels: int | None) -> DecodedImage:
+    with Image.open(source, formats=FORMATS) as image:  # reads the header only
         width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise PixelBudgetError(
+                f"{width} × {height} pixels ({_megapixels(width * height)}) is over the pixel budget of "
+                f"{_megapixels(max_pixels)}"
+            )
         image.seek(0)  # the first frame of an animation, or of a camera's multi-picture JPEG (MPO)
         if image.format in ("JPEG", "MPO"):
             image.draft("RGB", (side, side))  # decode at 1/2..1/8 scale, still >= side
@@ -179,6 +190,10 @@ def _decode(source: bytes | BinaryIO, side: int) -> DecodedImage:
         if exif.get(0x0112) in (5, 6, 7, 8):
             width, height = height, width
         return DecodedImage(to_rgb(upright, bits), width, height, _date_taken(exif))
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g} MP"
 
 
 def _bad(reason: str, notes: list[str]) -> BadFileError:
