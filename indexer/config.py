@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_INDEX = "default"
+# The pixel budget of pictures that come from others (uploads and fetched URLs to `clipseek
+# serve`, `clipseek moderate`), checked from their header: a large phone photo is 50 MP, while a
+# 20 KB PNG can declare 144 MP (half a gigabyte decoded, seconds of work). The indexer's own folders
+# have none: their big photos are legitimate and decode small (pictures.decode_image).
+PIXEL_BUDGET = 50_000_000
 
 
 def data_home() -> Path:

@@ -4,6 +4,7 @@
     ├── ModelError         a model cannot be built or its weights cannot be found
     │   └── CheckpointError  a checkpoint file is missing, unreadable, unsafe or does not fit
     ├── BadFileError       one input file cannot be read: recorded with its reason and skipped
+    ├── PixelBudgetError   a picture from others declares more pixels than its reader allows
     ├── QueryError         a query cannot be answered as asked (empty, unreadable image, bad k, ...)
     │   └── ItemNotFoundError  the query names an item id that is not in the index
     ├── PolicyError        a moderation policy file is unreadable or malformed
@@ -32,6 +33,10 @@ class CheckpointError(ModelError):
 
 class BadFileError(ClipseekError):
     """One input file cannot be read; the message is the reason recorded for it."""
+
+
+class PixelBudgetError(ClipseekError):
+    """A picture declares more pixels than the caller's budget; refused from its header, before decoding."""
 
 
 class StoreError(ClipseekError):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from indexer.config import index_dir
-from indexer.errors import BadFileError, ItemNotFoundError, QueryError
+from indexer.errors import BadFileError, ItemNotFoundError, PixelBudgetError, QueryError
 from indexer.sources.pictures import decode_image, to_rgb
 from indexer.store import MODALITIES, Filters, Store
 from search.query import Hit, Query
@@ -46,26 +46,38 @@ PROMPT_CACHE = 64  # policies whose prompt embeddings an engine keeps (inline HT
 
 
 class SearchEngine:
-    """Queries over one index, opened read-only; safe to share between threads."""
+    """Queries over one index, opened read-only; safe to share between threads.
 
-    def __init__(self, store: Store, checkpoint: str | os.PathLike | None = None):
+    `max_pixels`: a picture given as a file or bytes whose header declares more pixels is
+    refused with PixelBudgetError before it is decoded (indexer.config.PIXEL_BUDGET suits
+    pictures from others); without it, Pillow's own limit for decompression bombs applies.
+    """
+
+    def __init__(self, store: Store, checkpoint: str | os.PathLike | None = None, *, max_pixels: int | None = None):
         self.store = store
+        self.max_pixels = max_pixels
         self._checkpoint = checkpoint
         self._encoder: Encoder | OnnxEncoder | None = None
         self._lock = threading.Lock()
         self._prompts = Recent(PROMPT_CACHE)  # its own lock, not self._lock: embedding takes that one
 
     @classmethod
-    def open(cls, index: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None) -> SearchEngine:
+    def open(
+        cls,
+        index: str | os.PathLike | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        max_pixels: int | None = None,
+    ) -> SearchEngine:
         """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved
-        (they must be the same weights)."""
+        (they must be the same weights); `max_pixels`: the pixel budget of pictures given to it."""
         store = Store.open(index_dir(index))
         try:
             store.check_checkpoint(checkpoint)
         except BaseException:
             store.close()
             raise
-        return cls(store, checkpoint)
+        return cls(store, checkpoint, max_pixels=max_pixels)
 
     def close(self) -> None:
         self.store.close()
@@ -123,10 +135,12 @@ class SearchEngine:
         if isinstance(value, Image.Image):
             return to_rgb(value)
         source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else os.fsencode(value)
+        name = "the query image" if isinstance(source, io.BytesIO) else os.fsdecode(source)
         try:
-            return decode_image(source, self.store.model_id.side).image
+            return decode_image(source, self.store.model_id.side, self.max_pixels).image
+        except PixelBudgetError as error:
+            raise PixelBudgetError(f"{name}: {error}") from error
         except BadFileError as error:
-            name = "the query image" if isinstance(source, io.BytesIO) else os.fsdecode(source)
             raise QueryError(f"cannot read {name}: {error}") from error
 
     def search(

@@ -33,15 +33,28 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class Server(str):
+    """A running server's base URL, with its process id."""
+
+    pid: int
+
+
+def peak_memory(pid: int) -> int:
+    """The most memory (resident, in bytes) a process has held so far: Linux's VmHWM."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
 @contextmanager
 def serving(index: Path, *args: str, env: dict | None = None):
-    """Yields the server's base URL once /health answers; stops the server afterwards."""
+    """Yields the server's base URL (a Server) once /health answers; stops the server afterwards."""
     port = free_port()
     command = [CLIPSEEK, "serve", "--index", str(index), "--port", str(port), *args]
     process = subprocess.Popen(
         command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    url = f"http://127.0.0.1:{port}"
+    url = Server(f"http://127.0.0.1:{port}")
+    url.pid = process.pid
     try:
         deadline = time.monotonic() + 120
         while True:

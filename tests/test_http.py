@@ -15,7 +15,8 @@ from PIL import Image
 from indexer.demo_world import Scene, render
 from indexer.pipeline import Indexer
 from search.engine import MAX_K, SearchEngine
-from tests.http_server import demo_index, serving
+from tests.http_server import demo_index, peak_memory, serving
+from tests.odd_pictures import huge_png
 
 TOKEN = "correct horse battery staple"
 
@@ -137,7 +138,6 @@ def decompression_bomb() -> bytes:
     [
         (b"not a picture at all", "not a picture"),
         (png_of(Scene("circle", "red", "large", "centre", "grass"))[:300], "corrupt or truncated"),
-        (decompression_bomb(), "decompression bomb"),
         (b"%PDF-1.4\n" + b"0" * 100, "not a picture"),
     ],
 )
@@ -145,6 +145,27 @@ def test_bad_uploads_are_400_and_the_server_lives_on(client, upload, reason):
     response = client.post("/search/image", files={"image": ("x.png", upload)})
     assert response.status_code == 400 and reason in response.json()["detail"]
     assert client.post("/search", json={"image": "@@not base64@@"}).status_code == 400
+    assert client.get("/health").status_code == 200
+
+
+def test_a_picture_declaring_more_pixels_than_the_budget_is_413_before_decoding(client, server):
+    huge = b64(huge_png(12_000, 12_000))  # 20 KB of PNG; decoded, 144 MB of pixels at least
+    policy = {"concepts": {"red circles": {"prompts": ["a red circle"], "threshold": 0.6}}}
+    before = peak_memory(server.pid)
+    for response in [
+        client.post("/search/image", files={"image": ("huge.png", huge_png(12_000, 12_000))}),
+        client.post("/search", json={"image": huge, "k": 3}),
+        client.post("/classify", json={"images": [{"image": huge}], "labels": ["red", "blue"]}),
+        client.post("/moderate", json={"items": [{"image": huge}], "policy": policy}),
+        knn(client, image=huge, modality="image", num_images=1, indice_name=None),
+    ]:
+        assert response.status_code == 413, response.text
+        assert response.json()["detail"] == (
+            "the query image: 12000 × 12000 pixels (144 MP) is over the pixel budget of 50 MP"
+        )
+    assert peak_memory(server.pid) - before < 20 * 2**20  # nothing was decoded
+    bomb = client.post("/search/image", files={"image": ("bomb.png", decompression_bomb())})  # past Pillow's limit
+    assert bomb.status_code == 413 and "more than 179 MP is over the pixel budget" in bomb.json()["detail"]
     assert client.get("/health").status_code == 200
 
 

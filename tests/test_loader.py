@@ -2,13 +2,16 @@ import io
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from indexer.errors import BadFileError
+from indexer.config import PIXEL_BUDGET
+from indexer.errors import BadFileError, PixelBudgetError
 from indexer.sources.pictures import FORMATS, decode_image, file_hash, walk
+from tests.odd_pictures import deep_png, huge_png, mpo, packed_12bit_tiff, tiff_with_samples
 
 HEIF = pytest.mark.skipif("HEIF" not in FORMATS, reason="pillow-heif is not installed (pip install 'clipseek[heif]')")
 
@@ -179,3 +182,81 @@ def test_every_supported_format_decodes(tmp_path, suffix):
     decoded = decode_image(path, 32)
     assert decoded.image.mode == "RGB" and (decoded.width, decoded.height) == (96, 64)
     assert np.abs(np.asarray(decoded.image).astype(int)[20, 40] - (30, 160, 220)).max() <= 12
+
+
+# -- deep greys, multi-picture JPEGs, Pillow's notes, the pixel budget -----------------------------
+
+TWELVE_BIT = (np.arange(64 * 32).reshape(32, 64) * 2) % 4096  # every 12-bit value, dark and bright
+EIGHT_BIT = np.round(TWELVE_BIT / 4095 * 255)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(deep_png(TWELVE_BIT, significant_bits=12), id="png-sbit-low-bits"),
+        pytest.param(deep_png(TWELVE_BIT << 4 | TWELVE_BIT >> 8, significant_bits=12), id="png-sbit-high-bits"),
+        pytest.param(deep_png(TWELVE_BIT), id="png-undeclared"),
+        pytest.param(packed_12bit_tiff(TWELVE_BIT), id="tiff-bits-per-sample-12"),
+    ],
+)
+def test_12_bit_greys_are_scaled_by_their_bits_not_by_16(data):
+    pixels = np.asarray(decode_image(io.BytesIO(data), 16).image).astype(int)
+    assert np.abs(pixels[..., 0] - EIGHT_BIT).max() <= 1
+
+
+def test_declared_bits_win_over_the_values_range():
+    dark = TWELVE_BIT // 4  # a dark 12-bit scan: its values stay below 1024
+    pixels = np.asarray(decode_image(io.BytesIO(deep_png(dark, significant_bits=12)), 16).image).astype(int)
+    assert pixels.max() == 64  # dark as it is, not stretched to white, and not black either
+    scaled_by_range = np.asarray(decode_image(io.BytesIO(deep_png(dark)), 16).image).astype(int)
+    assert scaled_by_range.max() == 255  # undeclared: 10 bits hold the values
+
+
+def test_a_cameras_mpo_gives_its_first_frame(tmp_path):
+    path = tmp_path / "DSCF0001.MPO"
+    path.write_bytes(mpo(Image.new("RGB", (64, 48), (255, 0, 0)), Image.new("RGB", (64, 48), (0, 0, 255))))
+    assert names(walk([os.fsencode(tmp_path)]), tmp_path) == [b"DSCF0001.MPO"]
+    decoded = decode_image(os.fsencode(path), 16)
+    assert (decoded.width, decoded.height) == (64, 48)
+    assert np.abs(np.asarray(decoded.image).astype(int)[10, 10] - (255, 0, 0)).max() <= 6
+
+
+def test_pillows_log_lines_go_into_the_reason_of_the_thread_that_caused_them(tmp_path):
+    noisy = tmp_path / "noisy.tif"
+    noisy.write_bytes(tiff_with_samples(9))
+    quiet = tmp_path / "quiet.png"
+    quiet.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+
+    def reason(path):
+        with pytest.raises(BadFileError) as failure:
+            decode_image(os.fsencode(path), 16)
+        return str(failure.value)
+
+    with ThreadPoolExecutor(4) as pool:
+        reasons = list(pool.map(reason, [noisy, quiet] * 50))
+    assert len(set(reasons[0::2])) == 1
+    assert reasons[0].endswith("(Pillow: More samples per pixel than can be decoded: 9)")
+    assert all("Pillow" not in text for text in reasons[1::2])
+
+
+def decoding_forbidden(image):
+    raise AssertionError("the picture was decoded")
+
+
+def test_a_pixel_budget_refuses_a_huge_picture_from_its_header(monkeypatch):
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoding_forbidden)
+    data = huge_png(12_000, 12_000)
+    assert len(data) < 30_000
+    with pytest.raises(PixelBudgetError, match=r"^12000 × 12000 pixels \(144 MP\) is over the pixel budget of 50 MP$"):
+        decode_image(io.BytesIO(data), 224, PIXEL_BUDGET)
+    # past Pillow's own limit, a budget still answers as a budget
+    with pytest.raises(PixelBudgetError, match=r"^more than 179 MP is over the pixel budget of 50 MP$"):
+        decode_image(io.BytesIO(bomb_png()), 224, PIXEL_BUDGET)
+
+
+def test_the_budget_counts_one_frame_and_only_the_first_is_decoded(tmp_path):
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    path = save(frames[0], tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert tuple(np.asarray(decode_image(path, 16, max_pixels=64 * 64).image)[5, 5]) == (255, 0, 0)
+    with pytest.raises(PixelBudgetError, match=r"64 × 64 pixels \(0.0041 MP\) is over the pixel budget of 0.004 MP"):
+        decode_image(path, 16, max_pixels=4000)

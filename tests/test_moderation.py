@@ -17,6 +17,7 @@ from indexer.pipeline import Indexer
 from search.cli.main import cli
 from search.engine import SearchEngine
 from search.moderation import Blocklist, Concept, Policy, Verdict, Weights
+from tests.odd_pictures import huge_png
 
 POLICY_YAML = """
 weights: {image: 0.6, text: 0.4}
@@ -360,3 +361,20 @@ def test_a_bad_policy_is_one_line_and_exit_status_1(tmp_path, world, policy, mes
 def test_moderate_without_pictures_or_text_is_a_usage_error(world, policy_file):
     result = moderate(world, "--policy", policy_file)
     assert result.exit_code == 2 and "give PICTURES, --text TEXT or both" in result.stderr
+
+
+def test_a_picture_over_the_pixel_budget_is_an_error_naming_both(tmp_path, world, policy_file):
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(huge_png(12_000, 12_000))
+    result = moderate(world, world[1][0], huge, "--policy", policy_file)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"Error: {huge}: 12000 × 12000 pixels (144 MP) is over the pixel budget of 50 MP (--max-pixels sets it)\n"
+    )
+    wide = tmp_path / "wide.png"
+    wide.write_bytes(huge_png(2_000, 1_000))
+    refused = moderate(world, wide, "--policy", policy_file, "--max-pixels", "1.5M")
+    assert refused.exit_code == 1 and "2000 × 1000 pixels (2 MP) is over the pixel budget of 1.5 MP" in refused.stderr
+    allowed = moderate(world, wide, "--policy", policy_file, "--max-pixels", "2000x1000", "--json")
+    assert allowed.exit_code == 0 and len(json.loads(allowed.stdout)["results"]) == 1
+    assert moderate(world, wide, "--policy", policy_file, "--max-pixels", "lots").exit_code == 2

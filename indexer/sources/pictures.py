@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,13 +18,15 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from indexer.errors import BadFileError
+from indexer.errors import BadFileError, PixelBudgetError
 from indexer.models.identity import sha256_file
+from indexer.sources import decoder_notes
+from indexer.sources.bit_depth import declared_bits, scale_top
 
 # Files that name pictures rather than hold one, by suffix, with the Ray Data reader for each:
 # lists of URLs or paths, and WebDataset shards.
 LIST_READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json", ".tar": "webdataset"}
-IMAGE_SUFFIXES = frozenset(b".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .avif .heic .heif".split())
+IMAGE_SUFFIXES = frozenset(b".jpg .jpeg .jpe .jfif .mpo .png .webp .gif .bmp .dib .tif .tiff .avif .heic .heif".split())
 # Only these decoders are ever tried, whatever a file's name says: a PDF or FITS file renamed
 # .jpg is refused instead of being handed to a decoder nobody meant to expose.
 # (Multi-picture JPEGs from cameras open through the JPEG decoder, as format "MPO".)
@@ -38,10 +39,10 @@ try:  # HEIC/HEIF with the optional extra: pip install 'clipseek[heif]'
 except ImportError:
     pass
 
-# Pillow warns from 89 MP and refuses from 179 MP (DecompressionBombError, raised from the
-# header alone). Pictures in between are legitimate (a 12,000 × 8,000 photo is 96 MP): draft
-# mode keeps their decoding small, so the warning is noise here.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow refuses pictures from 179 MP (DecompressionBombError, raised from the header alone) and
+# warns from 89 MP. Local pictures in between are legitimate (a 12,000 × 8,000 photo is 96 MP):
+# draft mode keeps their decoding small, so the warning is noise, like Pillow's other notes.
+decoder_notes.install()
 
 _EXIF_IFD, _DATE_TIME_ORIGINAL, _DATE_TIME = 0x8769, 36867, 306
 VANISHED = "vanished"  # the reason given for a file deleted while a run was looking at it
@@ -138,37 +139,65 @@ def file_hash(path: bytes) -> str:
         raise BadFileError(_reason(error)) from error
 
 
-def decode_image(source: bytes | BinaryIO, side: int) -> DecodedImage:
+def decode_image(source: bytes | BinaryIO, side: int, max_pixels: int | None = None) -> DecodedImage:
     """Decode a picture (a path, or an open binary file) for a model whose input is `side` pixels square.
 
-    Raises BadFileError with the reason when it is not a picture clipseek reads.
+    With `max_pixels`, a picture whose header declares more pixels is refused with
+    PixelBudgetError before any of it is decoded. Raises BadFileError with the reason when it
+    is not a picture clipseek reads; the reason ends with what Pillow logged about it, if anything.
     """
-    try:
-        with Image.open(source, formats=FORMATS) as image:
-            width, height = image.size
-            image.seek(0)  # the first frame of an animation
-            if image.format in ("JPEG", "MPO"):
-                image.draft("RGB", (side, side))  # decode at 1/2..1/8 scale, still >= side
-            exif = image.getexif()
-            upright = ImageOps.exif_transpose(image)  # also loads the pixels
-            if exif.get(0x0112) in (5, 6, 7, 8):
-                width, height = height, width
-            return DecodedImage(to_rgb(upright), width, height, _date_taken(exif))
-    except Image.DecompressionBombError as error:
-        raise BadFileError(f"decompression bomb refused: {error}") from error
-    except UnidentifiedImageError as error:
-        if _is_empty(source):
-            raise BadFileError("empty file") from error
-        raise BadFileError("not a picture in a supported format (" + ", ".join(FORMATS) + ")") from error
-    except FileNotFoundError as error:
-        raise BadFileError(VANISHED) from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        # Pillow's ways of saying truncated or corrupt
-        raise BadFileError(f"corrupt or truncated picture: {error}") from error
-    except Exception as error:
-        # A decoder fed hostile bytes can fail in any way (KeyError, struct.error, ...); one bad
-        # file must never stop a run.
-        raise BadFileError(f"cannot decode: {type(error).__name__}: {error}") from error
+    with decoder_notes.collected() as notes:
+        try:
+            return _decode(source, side, max_pixels)
+        except Image.DecompressionBombError as error:
+            if max_pixels is not None:
+                raise PixelBudgetError(
+                    f"more than {_megapixels(2 * Image.MAX_IMAGE_PIXELS)} is over the pixel budget of "
+                    f"{_megapixels(max_pixels)}"
+                ) from error
+            raise _bad(f"decompression bomb refused: {error}", notes) from error
+        except UnidentifiedImageError as error:
+            if _is_empty(source):
+                raise BadFileError("empty file") from error
+            raise _bad("not a picture in a supported format (" + ", ".join(FORMATS) + ")", notes) from error
+        except FileNotFoundError as error:
+            raise BadFileError(VANISHED) from error
+        except (BadFileError, PixelBudgetError):
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            # Pillow's ways of saying truncated or corrupt
+            raise _bad(f"corrupt or truncated picture: {error}", notes) from error
+        except Exception as error:
+            # A decoder fed hostile bytes can fail in any way (KeyError, struct.error, ...); one bad
+            # file must never stop a run.
+            raise _bad(f"cannot decode: {type(error).__name__}: {error}", notes) from error
+
+
+def _decode(source: bytes | BinaryIO, side: int, max_pixels: int | None) -> DecodedImage:
+    with Image.open(source, formats=FORMATS) as image:  # reads the header only
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise PixelBudgetError(
+                f"{width} × {height} pixels ({_megapixels(width * height)}) is over the pixel budget of "
+                f"{_megapixels(max_pixels)}"
+            )
+        image.seek(0)  # the first frame of an animation, or of a camera's multi-picture JPEG (MPO)
+        if image.format in ("JPEG", "MPO"):
+            image.draft("RGB", (side, side))  # decode at 1/2..1/8 scale, still >= side
+        bits = declared_bits(image)
+        exif = image.getexif()
+        upright = ImageOps.exif_transpose(image)  # also loads the pixels
+        if exif.get(0x0112) in (5, 6, 7, 8):
+            width, height = height, width
+        return DecodedImage(to_rgb(upright, bits), width, height, _date_taken(exif))
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g} MP"
+
+
+def _bad(reason: str, notes: list[str]) -> BadFileError:
+    return BadFileError(f"{reason} (Pillow: {'; '.join(notes)})" if notes else reason)
 
 
 class Prepared(NamedTuple):
@@ -197,8 +226,9 @@ def _is_empty(source: bytes | BinaryIO) -> bool:
     return source.seek(0, os.SEEK_END) == 0
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency flattened onto white and high bit depths scaled, not clipped."""
+def to_rgb(image: Image.Image, bits: int | None = None) -> Image.Image:
+    """RGB with transparency flattened onto white and high bit depths scaled, not clipped: by the
+    `bits` the file declares (bit_depth.declared_bits) when its values fit them, else by their own range."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -209,11 +239,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if mode == "F":
-            top = max(float(values.max()), 1e-12)
-        else:
-            top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, None)
+        top = max(float(values.max()), 1e-12) if mode == "F" else scale_top(values, bits)
         gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, P without transparency, ...

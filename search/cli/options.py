@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import click
+
+from indexer.config import PIXEL_BUDGET
 
 index_option = click.option(
     "--index",
@@ -14,6 +18,34 @@ index_option = click.option(
 # index was made (another machine, a moved file); they must be the same weights (sha256).
 weights_option = click.option(
     "--checkpoint", type=click.Path(dir_okay=False), help="The index model's weights, if they moved."
+)
+
+
+class Pixels(click.ParamType):
+    """A number of pixels: 50000000, 50M or 50MP (megapixels), 12000x12000."""
+
+    name = "pixels"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip().upper()
+        pixels = 0.0
+        if match := re.fullmatch(r"([0-9]+)\s*[X×]\s*([0-9]+)", text):
+            pixels = int(match.group(1)) * int(match.group(2))
+        elif match := re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*(MP?)?", text):
+            pixels = float(match.group(1)) * (1e6 if match.group(2) else 1)
+        if pixels < 1:
+            self.fail(f"{value!r} is not a number of pixels (for example 50M, or 8000x6000)", param, ctx)
+        return int(pixels)
+
+
+# For commands that read pictures from others (`serve`, `moderate`): a header that declares
+# more pixels is refused before decoding.
+max_pixels_option = click.option(
+    "--max-pixels",
+    type=Pixels(),
+    default=f"{PIXEL_BUDGET // 10**6}M",
+    show_default=True,
+    help="Refuse pictures of more pixels (50M: 50 megapixels; or 8000x6000), from their header, before decoding.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 

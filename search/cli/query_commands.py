@@ -8,7 +8,14 @@ import re
 
 import click
 
-from search.cli.options import index_option, json_option, model_options, output_options, weights_option
+from search.cli.options import (
+    index_option,
+    json_option,
+    max_pixels_option,
+    model_options,
+    output_options,
+    weights_option,
+)
 
 
 def _weighted(text: str) -> tuple[str, float]:
@@ -172,10 +179,11 @@ def classify(pictures, labels, template, as_json, index, checkpoint):
 @click.argument("pictures", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--text", help="Text that comes with the pictures (a caption, a comment); judged alone without PICTURES.")
 @click.option("--policy", "policy_file", required=True, metavar="FILE", help="The policy: a YAML or JSON file.")
+@max_pixels_option
 @json_option
 @index_option
 @weights_option
-def moderate(pictures, text, policy_file, as_json, index, checkpoint):
+def moderate(pictures, text, policy_file, max_pixels, as_json, index, checkpoint):
     """Judge PICTURES, a --text, or both against a moderation policy: block, review or allow.
 
     \b
@@ -187,8 +195,10 @@ def moderate(pictures, text, policy_file, as_json, index, checkpoint):
     blocklists match pictures that look like the ones under a folder of the index (--index).
     People get one line per picture: the decision, the picture, the reasons. The exit status is
     0 whatever the decisions and 1 for errors (an unreadable picture or policy): scripts should
-    read the decisions from --json.
+    read the decisions from --json. A picture larger than --max-pixels is an error, found from
+    its header before anything is decoded.
     """
+    from indexer.errors import PixelBudgetError
     from search.engine import SearchEngine
     from search.moderation import Policy
 
@@ -196,8 +206,11 @@ def moderate(pictures, text, policy_file, as_json, index, checkpoint):
         raise click.UsageError("give PICTURES, --text TEXT or both")
     policy = Policy.load(policy_file)  # before the index and model: a bad policy fails at once
     items = [(picture, text) for picture in pictures] or [(None, text)]
-    with SearchEngine.open(index, checkpoint) as engine:
-        verdicts = engine.moderate_many(items, policy)
+    with SearchEngine.open(index, checkpoint, max_pixels=max_pixels) as engine:
+        try:
+            verdicts = engine.moderate_many(items, policy)
+        except PixelBudgetError as error:
+            raise click.ClickException(f"{error} (--max-pixels sets it)") from error
     if as_json:
         results = [
             {"image": image, "text": text, **verdict.to_dict()}

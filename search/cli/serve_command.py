@@ -6,7 +6,7 @@ import re
 
 import click
 
-from search.cli.options import index_option, weights_option
+from search.cli.options import index_option, max_pixels_option, weights_option
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -25,6 +25,7 @@ def _bytes(text: str) -> int:
 @click.option("--token", envvar="CLIPSEEK_TOKEN", help="Require 'Authorization: Bearer TOKEN' [env: CLIPSEEK_TOKEN].")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="Moderation policy for POST /moderate.")
 @click.option("--max-upload", default="20M", show_default=True, help="Largest request body accepted.")
+@max_pixels_option
 @click.option(
     "--timeout",
     default=30.0,
@@ -35,7 +36,7 @@ def _bytes(text: str) -> int:
 @click.option("--fetch-urls", is_flag=True, help="Let /knn-service fetch image_url (public addresses only).")
 @click.option("--cors", multiple=True, metavar="ORIGIN", help="Let pages from ORIGIN call the API (repeatable).")
 @weights_option
-def serve(index, host, port, token, policy, max_upload, timeout, fetch_urls, cors, checkpoint):
+def serve(index, host, port, token, policy, max_upload, max_pixels, timeout, fetch_urls, cors, checkpoint):
     """Serve the HTTP API and the search page for an index.
 
     \b
@@ -45,7 +46,8 @@ def serve(index, host, port, token, policy, max_upload, timeout, fetch_urls, cor
 
     The API is described at /docs. It binds to localhost unless --host says otherwise; give a
     --token before opening it to a network. New commits by `clipseek index` are served
-    without a restart.
+    without a restart. Uploaded and fetched pictures larger than --max-pixels are refused with
+    413 from their header, before they are decoded.
     """
     try:
         import uvicorn
@@ -68,7 +70,7 @@ def serve(index, host, port, token, policy, max_upload, timeout, fetch_urls, cor
         cors=tuple(cors),
         index_name=index_dir(index).name,
     )
-    engine = SearchEngine.open(index, checkpoint)
+    engine = SearchEngine.open(index, checkpoint, max_pixels=max_pixels)
     click.echo(f"loading the model of {engine.store.root} …", err=True)
     engine.encoder  # noqa: B018 — loaded now, so the first query does not wait for it
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning", timeout_keep_alive=30)

@@ -4,7 +4,9 @@ One warm engine serves every request (it follows the indexer's commits by itself
 validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad query), 404
 (no such item) or 503 (model or index unavailable); work longer than the timeout is a 504; a
 body larger than the limit is a 413 (before it is read when its length is declared, as soon as
-it passes the limit when it streams). With a token, every route that
+it passes the limit when it streams), and so is a picture whose header declares more pixels than
+the engine's budget (SearchEngine.open(max_pixels=...); `clipseek serve --max-pixels`), refused
+before it is decoded. With a token, every route that
 returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
 OpenAPI description hold no data and stay open.
 """
@@ -20,7 +22,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from indexer.errors import ClipseekError, ItemNotFoundError, ModelError, PolicyError, QueryError, StoreError
+from indexer.errors import (
+    ClipseekError,
+    ItemNotFoundError,
+    ModelError,
+    PixelBudgetError,
+    PolicyError,
+    QueryError,
+    StoreError,
+)
 from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
 from search.http import knn_service
@@ -86,7 +96,14 @@ def _authorised(request: Request) -> None:
 
 
 def _error_handlers(app: FastAPI) -> None:
-    statuses = [(ItemNotFoundError, 404), (QueryError, 400), (PolicyError, 400), (ModelError, 503), (StoreError, 503)]
+    statuses = [
+        (ItemNotFoundError, 404),
+        (QueryError, 400),
+        (PolicyError, 400),
+        (PixelBudgetError, 413),
+        (ModelError, 503),
+        (StoreError, 503),
+    ]
 
     @app.exception_handler(ClipseekError)
     async def clipseek_error(request: Request, error: ClipseekError) -> JSONResponse:

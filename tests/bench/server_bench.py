@@ -5,6 +5,10 @@
 index. Reported: requests/s, p50/p99 latency, errors (target: none), and the throughput as a
 ratio of one in-process SearchEngine answering the same mix on one thread. The clients run on
 the same two cores as the server, so the figures are a floor.
+
+Before the load, the cost of refusing a picture over the pixel budget: a 20 KB PNG declaring
+12,000 × 12,000 pixels, uploaded 20 times and answered 413 from its header. Reported: the median
+time per request and how much the server's peak memory grew (goal: under 50 ms, no growth).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import httpx
 import numpy as np
 
 from search.engine import Query, SearchEngine
-from tests.http_server import demo_index, serving
+from tests.http_server import Server, demo_index, peak_memory, serving
+from tests.odd_pictures import huge_png
 
 CLIENTS = 32
 SECONDS = 30.0
+REFUSALS = 20
 
 
 def _workload(scenes) -> list[tuple[str, object]]:
@@ -60,6 +66,26 @@ def _client(url: str, work, offset: int, stop: threading.Event, latencies: list,
             n += 1
 
 
+def refusals(url: Server, work) -> tuple[float, int]:
+    """Median seconds to answer an upload declaring 144 MP with 413, and the server's peak-memory growth in bytes."""
+    huge = huge_png(12_000, 12_000)
+    with httpx.Client(base_url=url, timeout=60) as client:
+
+        def upload(data: bytes) -> httpx.Response:
+            return client.post("/search/image", files={"image": ("q.png", data)}, data={"k": "10"})
+
+        # warm: the first picture query and the first refusal load what every later one uses
+        assert upload(next(value for kind, value in work if kind == "image")).status_code == 200
+        assert upload(huge).status_code == 413
+        before = peak_memory(url.pid)
+        times = []
+        for _ in range(REFUSALS):
+            started = time.perf_counter()
+            assert upload(huge).status_code == 413
+            times.append(time.perf_counter() - started)
+        return float(np.median(times)), peak_memory(url.pid) - before
+
+
 def run(report: dict) -> list[tuple[str, str, str]]:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -67,6 +93,7 @@ def run(report: dict) -> list[tuple[str, str, str]]:
         work = _workload(scenes)
         baseline = _in_process(root / "index", work)
         with serving(root / "index") as url:
+            refusal, growth = refusals(url, work)
             latencies: list[float] = []
             errors: list[str] = []
             stop = threading.Event()
@@ -95,8 +122,16 @@ def run(report: dict) -> list[tuple[str, str, str]]:
         p99_ms=p99,
         in_process_per_s=baseline,
         ratio=throughput / baseline,
+        refusal_ms=refusal * 1000,
+        refusal_peak_memory_growth_bytes=growth,
     )
     return [
+        (
+            "refusing 144 MP in 20 KB",
+            f"{refusal * 1000:.1f} ms",
+            f"413 from the header, median of {REFUSALS}; goal: < 50 ms",
+        ),
+        ("  server's peak memory growth", f"{growth / 2**20:.1f} MB", "goal: 0, nothing decoded"),
         ("in-process engine, one thread", f"{baseline:.0f} q/s", "the same text/picture mix, the baseline"),
         (f"HTTP, {CLIENTS} clients", f"{throughput:.0f} req/s", f"{throughput / baseline:.2f}× the in-process rate"),
         ("latency p50 / p99", f"{p50:.0f} / {p99:.0f} ms", f"over {len(latencies)} requests in {SECONDS:.0f} s"),
