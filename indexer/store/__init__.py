@@ -295,7 +295,7 @@ class Store:
         scores, ids = index.search(vector[None, :], index.candidates(k), allowed)
         found, scores = ids[0][ids[0] >= 0], scores[0][ids[0] >= 0]
         if index.spec.exact:
-            return found, scores
+            return found, _cosine(scores)
         if len(found) < min(k, index.count if allowed is None else len(allowed)):
             found = allowed if allowed is not None else index.ids()
         return self._reranked(found, vector, k)
@@ -304,7 +304,8 @@ class Store:
         found, vectors = self.catalog.embeddings_of(ids)
         if not len(found):
             return found, np.zeros(0, np.float32)
-        return rerank(vector, found, vectors, k)
+        found, scores = rerank(vector, found, vectors, k)
+        return found, _cosine(scores)
 
     def index_setting(self, kind: str | None = None, budget: int | None = None) -> tuple[str, int]:
         """The index type and memory budget this index keeps to (default auto, 4 GiB); given ones are remembered."""
@@ -468,6 +469,13 @@ class StoreWriter:
 
     def forget_failures(self, paths: list[bytes]) -> None:
         self._writer.forget_failures(paths)
+
+
+def _cosine(scores: np.ndarray) -> np.ndarray:
+    """Scores as cosine similarities, within [-1, 1]: float32 inner products of unit vectors round
+    a hair past them (an item found by its own vector scores 1.0000002), which a caller comparing
+    with 1 or printing a percentage should never see."""
+    return np.clip(scores, -1.0, 1.0)
 
 
 def _take_writer_lock(root: Path) -> int:
