@@ -6,7 +6,7 @@
 
 The Store keeps the two in agreement: every write goes through `Store.write()`, which commits
 the catalog first and then applies the same change to the in-memory vector indexes; `flush()`
-saves those, stamped. A vector file that is missing, truncated or stale is rebuilt from the
+saves those, stamped. A vector file that is missing, damaged or stale is rebuilt from the
 catalog, never served.
 """
 
