@@ -49,18 +49,23 @@ def hits(result) -> list[tuple[str, float]]:
 
 
 def test_a_vector_file_overwritten_in_the_middle_is_never_served(demo_index):
-    _, root = demo_index
+    library, root = demo_index
     before = hits(clipseek("search", "a red circle", "--json"))
     stamp = (root / "image.faiss.stamp").read_bytes()
     overwrite_middle(root / "image.faiss")
 
     search = clipseek("search", "a red circle", "--json")
     assert hits(search) == before  # the same pictures and scores, from vectors rebuilt from the catalog
+    assert search.stderr.splitlines() == [search.stderr.strip()] and "image.faiss: damaged" in search.stderr
 
     broken = clipseek("check", check=False)
     assert broken.returncode == 1 and broken.stdout.startswith("image.faiss: damaged")
     assert (root / "image.faiss.stamp").read_bytes() == stamp  # a reader never writes
     clipseek("check", "--repair")
+    assert "ok" in clipseek("check").stderr
+
+    overwrite_middle(root / "text.faiss")
+    assert "removed 0 items" in clipseek("remove", library / "nowhere").stderr  # a writing command with nothing to do
     assert "ok" in clipseek("check").stderr
     assert hits(clipseek("search", "a red circle", "--json")) == before
 
