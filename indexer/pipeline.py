@@ -155,7 +155,9 @@ class Indexer:
 
         `progress(done, total)` is called as files needing work are done; `stop`, when set,
         ends the run after the current batch with everything so far committed. A run that
-        completes rebuilds the vector files whose kind the collection outgrew (Store.fit).
+        completes rebuilds the vector files whose kind the collection outgrew (Store.fit); every
+        run, even an interrupted one, ends with the vector files caught up with the catalog
+        (Store.catch_up).
 
         With `ray`, the pictures to embed go through a Ray Data pipeline into shards, which are
         then ingested (indexer.ray.pipeline, indexer.ray.shards), and the vector files are built
@@ -206,6 +208,7 @@ class Indexer:
         self.store.flush()
         if not report.interrupted:
             self.store.fit()  # the collection may have outgrown its vector index kind
+        self.store.catch_up()  # what a killed run left stale, whatever this one changed
         report.seconds = time.monotonic() - started
         return report
 
@@ -233,6 +236,7 @@ class Indexer:
         self._ingest_shards(report, progress)
         report.found = report.embedded + report.failed
         self.store.fit()
+        self.store.catch_up()
         report.seconds = time.monotonic() - started
         return report
 
@@ -268,6 +272,7 @@ class Indexer:
             report.added += len(rows)
         self.store.flush()
         self.store.fit()
+        self.store.catch_up()
         report.seconds = time.monotonic() - started
         return report
 

@@ -6,8 +6,10 @@
 
 The Store keeps the two in agreement: every write goes through `Store.write()`, which commits
 the catalog first and then applies the same change to the in-memory vector indexes; `flush()`
-saves those, stamped. A vector file that is missing, truncated or stale is rebuilt from the
-catalog, never served.
+saves those, stamped. A vector file that is missing, damaged or stale is rebuilt from the
+catalog, never served: in memory by a reader, which says so in one line; on disk by a writer,
+and every writing command ends by catching up any such file (`catch_up`), so that rerunning a
+command a crash interrupted leaves the index consistent.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from indexer.store.vectors import (
     rerank,
     training_size,
     tune,
+    verify,
     write_atomically,
 )
 
@@ -72,6 +75,10 @@ def log_progress(phase: str, done: int, total: int) -> None:
         log.info("%s", phase)
     elif total > ADD_BLOCK and done:
         log.info("%s: %s of %s (%.0f%%)", phase, f"{done:,}", f"{total:,}", 100 * done / total)
+
+
+def _quiet(phase: str, done: int, total: int) -> None:
+    """A reader's rebuild reports no progress: Store.vectors has said in one line why it rebuilds."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,7 @@ class Store:
         with self.write() as writer:
             writer.delete_items(ids)
             removed = len(ids) + (writer.delete_collection(collection) if collection else 0)
-        self.flush()
+        self.catch_up()
         return removed
 
     def refresh(self) -> None:
@@ -217,31 +224,54 @@ class Store:
         return self.root / f"{modality}.faiss"
 
     def vectors(self, modality: str) -> VectorIndex:
-        """The vector index of a modality: its file when fresh, else rebuilt from the catalog.
+        """The vector index of a modality: its file when fresh and intact, else rebuilt from the catalog.
 
-        A writer saves a rebuilt index at its next flush; a reader keeps it in memory only.
+        A rebuild says why in one line (none for a modality that never had vectors). A writer
+        saves the rebuilt index at its next flush and reports the rebuild's progress; a reader
+        keeps it in memory only and reports none (a search's output is its hits).
         """
         if modality not in self._vectors:
-            index, _ = self._load(modality)
+            index, problem = self._load(modality)
             if index is None:
-                index = self._rebuild(modality)
-                if self._lock is not None:
+                if self._ever_stored(modality):
+                    log.info("%s: %s; catching up from the catalog", self._vector_path(modality).name, problem)
+                writer = self._lock is not None
+                index = self._rebuild(modality, log_progress if writer else _quiet)
+                if writer:
                     self._dirty.add(modality)
             self._vectors[modality] = index
         return self._vectors[modality]
+
+    def catch_up(self) -> None:
+        """Bring every vector file up to date with the catalog, rebuilding those that are missing,
+        damaged or stale, and save what changed: the last step of every writing command, even one
+        with nothing else to do, so that rerunning a command killed between its catalog commit and
+        its vector files leaves them consistent. A file already held in memory is saved as it is."""
+        for modality in MODALITIES:
+            if modality not in self._vectors and self._ever_stored(modality):
+                stamp, _ = verify(
+                    self._vector_path(modality), self.catalog.vectors_changed(modality), self.catalog.generation()
+                )
+                if stamp is None:
+                    self.vectors(modality)
+        self.flush()
+
+    def _ever_stored(self, modality: str) -> bool:
+        """Whether a modality has a vector file to keep: one is on disk, or its vectors ever changed."""
+        return self._vector_path(modality).exists() or self.catalog.vectors_changed(modality) > 0
 
     def _load(self, modality: str) -> tuple[VectorIndex | None, str]:
         changed = self.catalog.vectors_changed(modality)
         return VectorIndex.load(self._vector_path(modality), changed, self.catalog.generation())
 
-    def _rebuild(self, modality: str) -> VectorIndex:
+    def _rebuild(self, modality: str, progress: Progress) -> VectorIndex:
         """A modality's vector index from the catalog, of the kind last chosen for it (flat when
         there are too few vectors left to train that kind)."""
         spec = IndexSpec.from_dict(json.loads(self.catalog.get(f"index_spec.{modality}") or "null"))
         count = self._counts()[modality]
         if not spec.exact and count < (spec.nlist or 0) * index_choice.MIN_PER_CLUSTER + 1:
             spec = IndexSpec()
-        return self._build(modality, spec, count, log_progress)
+        return self._build(modality, spec, count, progress)
 
     def _build(self, modality: str, spec: IndexSpec, count: int, progress: Progress) -> VectorIndex:
         """A vector index of `spec` over the catalog's embeddings of `modality`, streamed from it in
@@ -298,7 +328,7 @@ class Store:
         scores, ids = index.search(vector[None, :], index.candidates(k), allowed)
         found, scores = ids[0][ids[0] >= 0], scores[0][ids[0] >= 0]
         if index.spec.exact:
-            return found, scores
+            return found, _cosine(scores)
         if len(found) < min(k, index.count if allowed is None else len(allowed)):
             found = allowed if allowed is not None else index.ids()
         return self._reranked(found, vector, k)
@@ -307,7 +337,8 @@ class Store:
         found, vectors = self.catalog.embeddings_of(ids)
         if not len(found):
             return found, np.zeros(0, np.float32)
-        return rerank(vector, found, vectors, k)
+        found, scores = rerank(vector, found, vectors, k)
+        return found, _cosine(scores)
 
     def index_setting(
         self, kind: str | None = None, budget: int | None = None, latency_ms: float | None = None
@@ -384,6 +415,7 @@ class Store:
             self._dirty.add(modality)
             self.flush()
             chosen[modality] = index.spec
+        self.catch_up()  # a modality left with no items may still have a stale file
         return chosen
 
     def _note_decision(self, modality: str, decision: index_choice.Decision | None) -> None:
@@ -425,7 +457,7 @@ class Store:
         """Rebuild every vector file from the catalog."""
         for modality in MODALITIES:
             remove_files(self._vector_path(modality))
-            self._vectors[modality] = self._rebuild(modality)
+            self._vectors[modality] = self._rebuild(modality, log_progress)
             self._dirty.add(modality)
         self.flush()
 
@@ -508,6 +540,13 @@ class StoreWriter:
 
     def forget_failures(self, paths: list[bytes]) -> None:
         self._writer.forget_failures(paths)
+
+
+def _cosine(scores: np.ndarray) -> np.ndarray:
+    """Scores as cosine similarities, within [-1, 1]: float32 inner products of unit vectors round
+    a hair past them (an item found by its own vector scores 1.0000002), which a caller comparing
+    with 1 or printing a percentage should never see."""
+    return np.clip(scores, -1.0, 1.0)
 
 
 def _take_writer_lock(root: Path) -> int:

@@ -2,8 +2,10 @@
 
 A vector file is written to a temporary file, fsynced and renamed into place, then stamped by a
 small JSON file beside it (`image.faiss.stamp`) with the catalog generation it reflects, its
-byte size, its vector count and its index spec. A file whose stamp is missing or disagrees is
-never served: the store rebuilds it from the catalog.
+byte size, the CRC-32 of its content, its vector count and its index spec. A file whose stamp is
+missing or disagrees is never served: the store rebuilds it from the catalog. The checksum is
+verified before FAISS parses the file, so bytes damaged on disk (same size, stamp intact) are
+neither served nor handed to a parser that trusts them.
 
 Kinds (IndexSpec.kind): `flat`, exact search, the quality reference; `hnsw`, a graph over the
 full vectors; `ivf`, full vectors in nlist clusters of which nprobe are searched; `ivfpq`, the
@@ -17,6 +19,7 @@ import json
 import os
 import statistics
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +31,7 @@ KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 TRAINING_SAMPLE = 50  # vectors per IVF cluster used to train it (FAISS wants at least 39)
 ADD_BLOCK = 100_000  # vectors added at a time: progress to report, and bounded float32 copies
 EXACT_SAMPLE = 32_768  # vectors an exact-search timing scans (64 MiB at 512-d: past the caches already)
+CHECKSUM_BLOCK = 1 << 20  # bytes read at a time to checksum a vector file: bounded memory, few calls
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class Stamp:
     count: int
     size: int
     spec: dict | None = None  # stamps written before index kinds existed are flat
+    # CRC-32 of the file. Stamps written before checksums existed have none: such a file cannot
+    # be told from one damaged since, so it is rebuilt from the catalog like a damaged one.
+    checksum: int | None = None
 
 
 class VectorIndex:
@@ -201,33 +208,18 @@ class VectorIndex:
         temporary = path.with_name(path.name + ".tmp")
         faiss.write_index(self.index, str(temporary))
         _fsync(temporary)
+        crc = checksum(temporary)  # read back from the page cache it was just written to
         os.replace(temporary, path)
-        stamp = Stamp(generation, self.count, path.stat().st_size, self.spec.to_dict())
+        stamp = Stamp(generation, self.count, path.stat().st_size, self.spec.to_dict(), crc)
         write_atomically(_stamp_path(path), json.dumps(stamp.__dict__).encode())
         _fsync(path.parent)
 
     @classmethod
     def load(cls, path: Path, changed: int, generation: int) -> tuple[VectorIndex | None, str]:
-        """The index in `path` if it is fresh; else None and why not.
-
-        Fresh: stamped at or after `changed` (the last generation that changed this modality's
-        vectors) and not after `generation` (the catalog's; a later stamp means the catalog was
-        replaced, say by a restored backup).
-        """
-        try:
-            stamp = Stamp(**json.loads(_stamp_path(path).read_bytes()))
-        except FileNotFoundError:
-            return None, "missing" if not path.exists() else "not stamped"
-        except (ValueError, TypeError):
-            return None, "its stamp is unreadable"
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return None, "missing"
-        if size != stamp.size:
-            return None, f"truncated or overwritten ({size} bytes, stamped {stamp.size})"
-        if not changed <= stamp.generation <= generation:
-            return None, f"stale (reflects generation {stamp.generation}; its items changed at {changed})"
+        """The index in `path` if it is fresh and intact (see verify); else None and why not."""
+        stamp, problem = verify(path, changed, generation)
+        if stamp is None:
+            return None, problem
         try:
             index = faiss.read_index(str(path))
             spec = IndexSpec.from_dict(stamp.spec)
@@ -254,6 +246,50 @@ def exact_search_ms(count: int, dim: int, repeats: int = 7) -> float:
         index.search(query, 10)
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times) * count / sample
+
+
+def verify(path: Path, changed: int, generation: int) -> tuple[Stamp | None, str]:
+    """The stamp of the vector file in `path` if the file may be served; else None and why not.
+
+    Served: its size and checksum are those stamped, and it was stamped at or after `changed`
+    (the last generation that changed this modality's vectors) and not after `generation` (the
+    catalog's; a later stamp means the catalog was replaced, say by a restored backup). Reads
+    the whole file once, without parsing it.
+    """
+    try:
+        stamp = Stamp(**json.loads(_stamp_path(path).read_bytes()))
+    except FileNotFoundError:
+        return None, "missing" if not path.exists() else "not stamped"
+    except (ValueError, TypeError):
+        return None, "its stamp is unreadable"
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None, "missing"
+    if size != stamp.size:
+        return None, f"truncated or overwritten ({size} bytes, stamped {stamp.size})"
+    if not changed <= stamp.generation <= generation:
+        return None, f"stale (reflects generation {stamp.generation}; its items changed at {changed})"
+    if stamp.checksum is None:
+        return None, "stamped without a checksum (by an earlier clipseek), so it cannot be verified"
+    try:
+        found = checksum(path)
+    except FileNotFoundError:  # removed since its size was read (`check --repair` starts so)
+        return None, "missing"
+    if found != stamp.checksum:
+        return None, f"damaged (its content's checksum is {found:08x}, stamped {stamp.checksum:08x})"
+    return stamp, ""
+
+
+def checksum(path: Path) -> int:
+    """The CRC-32 of a file's content (zlib's), streamed in blocks through one reused buffer."""
+    crc = 0
+    buffer = bytearray(CHECKSUM_BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as source:
+        while read := source.readinto(buffer):
+            crc = zlib.crc32(view[:read], crc)
+    return crc
 
 
 def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
