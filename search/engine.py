@@ -161,7 +161,7 @@ class SearchEngine:
         Filters: `path`, a folder prefix or a glob (`*`, `?`, `[…]`) on the picture's path;
         `collection`; `date_from` / `date_to` (ISO dates, inclusive) on the date taken (EXIF,
         else the file's time); `min_score`. With filters the result is still the top k among the
-        matching items: exact with a flat index (the default up to 250,000 items) or a filter
+        matching items: exact with a flat index (the default while exact search is fast) or a filter
         matching up to 20,000, else as approximate as the index (its recall is in `status`),
         but never fewer than k when k match. k is capped at MAX_K.
         """
@@ -177,6 +177,8 @@ class SearchEngine:
             known = ", ".join(self.store.catalog.collections()) or "none"
             raise QueryError(f"no collection '{collection}' in the index (collections: {known})")
         self.store.refresh()
+        if self.store.holds(modality):  # warm: a thread's start and join would only add to the query
+            return self._nearest(self.embed(query), modality, k, offset, filters, min_score)
         # The vectors load (on a cold start) while the query is embedded: both wait on C++ code
         # that releases the GIL (FAISS reading its file; ONNX Runtime or torch loading a model).
         loading = threading.Thread(target=_load_quietly, args=(self.store, modality))

@@ -223,6 +223,10 @@ class Store:
     def _vector_path(self, modality: str) -> Path:
         return self.root / f"{modality}.faiss"
 
+    def holds(self, modality: str) -> bool:
+        """Whether the vector index of a modality is in memory already (vectors() returns at once)."""
+        return modality in self._vectors
+
     def vectors(self, modality: str) -> VectorIndex:
         """The vector index of a modality: its file when fresh and intact, else rebuilt from the catalog.
 
