@@ -4,7 +4,8 @@ One warm engine serves every request (it follows the indexer's commits by itself
 validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad query), 404
 (no such item) or 503 (model or index unavailable); work longer than the timeout is a 504; a
 body larger than the limit is a 413 (before it is read when its length is declared, as soon as
-it passes the limit when it streams). With a token, every route that
+it passes the limit when it streams). URLs in answers are relative or under --public-url, never
+taken from the Host header. With a token, every route that
 returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
 OpenAPI description hold no data and stay open.
 """
@@ -33,7 +34,13 @@ WEB = Path(__file__).with_name("web")
 
 def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    app = FastAPI(title="clipseek", version=_version(), summary="CLIP search over an index of pictures and captions")
+    # No redirect to add or drop a trailing slash: Starlette builds its Location from the Host header.
+    app = FastAPI(
+        title="clipseek",
+        version=_version(),
+        summary="CLIP search over an index of pictures and captions",
+        redirect_slashes=False,
+    )
     app.state.engine = engine
     app.state.settings = settings
     app.state.thumbnails = Thumbnails()

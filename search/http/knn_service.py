@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from indexer.errors import ItemNotFoundError, QueryError
 from search.engine import MAX_K
 from search.engine import Query as EngineQuery
-from search.http.context import engine_of, run
+from search.http.context import engine_of, link, run
 from search.http.schemas import MAX_TEXT, image_bytes
 from search.http.url_fetch import fetch_image
 
@@ -125,7 +125,7 @@ async def _metadata(request: Request, item_id: int) -> dict[str, Any]:
     item = await run(request, engine.item, item_id)
     if item["modality"] == "text":
         return {"caption": item["caption"]}
-    found = {"image_path": item["path"], "url": str(request.url_for("image", item_id=str(item_id)))}
+    found = {"image_path": item["path"], "url": link(request, "image", item_id=str(item_id))}
     try:
         path = await run(request, engine.image_file, item_id)
         preview = await run(request, request.app.state.thumbnails.jpeg, path, PREVIEW)
