@@ -3,8 +3,7 @@
 One warm engine serves every request (it follows the indexer's commits by itself). Requests are
 validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad query), 404
 (no such item) or 503 (model or index unavailable); work longer than the timeout is a 504; a
-body larger than the limit is a 413 (before it is read when its length is declared, as soon as
-it passes the limit when it streams). URLs in answers are relative or under --public-url, never
+body larger than the limit is a 413 (uploads.BodyGuard). URLs in answers are relative or under --public-url, never
 taken from the Host header. With a token, every route that
 returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
 OpenAPI description hold no data and stay open.
@@ -28,6 +27,7 @@ from search.http import knn_service
 from search.http.context import ServerSettings, engine_of, run
 from search.http.schemas import MAX_TEXT, ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
 from search.http.thumbnails import SIZES, Thumbnails
+from search.http.uploads import BodyGuard
 
 WEB = Path(__file__).with_name("web")
 
@@ -70,7 +70,7 @@ def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> 
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(BodyLimit, limit=settings.max_body)
+    app.add_middleware(BodyGuard, limit=settings.max_body)
     return app
 
 
@@ -236,49 +236,3 @@ def _judging_routes(api: APIRouter) -> None:
         items = [(_picture(item), item.text) for item in body.items]
         verdicts = await run(request, engine_of(request).moderate_many, items, policy)
         return {"results": [verdict.to_dict() for verdict in verdicts]}
-
-
-# -- limits ------------------------------------------------------------------------------------
-
-
-class BodyLimit:
-    """Refuses a request body larger than `limit` bytes with 413, whether it says its length or not.
-
-    A streamed body is counted as the application reads it; past the limit the client gets the
-    413 at once, the application sees a disconnected client, and whatever it answers is dropped.
-    """
-
-    def __init__(self, app, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        received = 0
-        refused = False
-
-        async def counted_receive():
-            nonlocal received, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                refused = True
-                await self._refuse(scope, receive, send)
-                return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            if not refused:
-                await send(message)
-
-        await self.app(scope, counted_receive, guarded_send)
-
-    async def _refuse(self, scope, receive, send):
-        detail = f"the request body is larger than {self.limit} bytes"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
