@@ -9,6 +9,8 @@ import pytest
 
 from tests.http_server import demo_index, serving
 
+LONE_SURROGATE = b'"\\ud800"'  # JSON's escape for half of a UTF-16 pair, alone
+
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
@@ -26,6 +28,86 @@ def server_log(library):
 def server(library, server_log):
     with serving(library / "index", log=server_log) as url:
         yield url
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as client:
+        yield client
+
+
+def raw_json(client, path: str, body: bytes) -> httpx.Response:
+    return client.post(path, content=body, headers={"Content-Type": "application/json"})
+
+
+# -- text that is not Unicode --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/search", b'{"text": ' + LONE_SURROGATE + b"}"),
+        ("/search", b'{"text": "a circle", "collection": ' + LONE_SURROGATE + b"}"),
+        ("/classify", b'{"images": [{"item": 1}], "labels": [' + LONE_SURROGATE + b', "b"]}'),
+        ("/moderate", b'{"items": [{"text": "x"}], "policy": {"concepts": {' + LONE_SURROGATE + b": {}}}}"),
+        ("/knn-service", b'{"text": "a \\udfff circle", "num_images": 1}'),
+    ],
+)
+def test_lone_surrogates_in_json_are_400(client, path, body):
+    response = raw_json(client, path, body)
+    assert response.status_code == 400
+    assert "lone surrogate" in response.json()["detail"]
+
+
+def test_a_surrogate_pair_is_text(client):
+    # \ud83d\ude00 is one emoji written as a pair: valid, so the search runs.
+    assert raw_json(client, "/search", b'{"text": "a red circle \\ud83d\\ude00"}').status_code == 200
+
+
+@pytest.mark.parametrize(
+    "query", ["text=%ED%A0%80", "text=a+circle&collection=%FF", "text=%C3", "item=1&path=%ED%BF%BF"]
+)
+def test_query_strings_that_are_not_utf8_are_400(client, query):
+    response = client.get(f"/search?{query}")
+    assert response.status_code == 400
+    assert response.json()["detail"] == "the query string is not UTF-8 text once percent-decoded"
+
+
+def test_a_body_that_is_not_utf8_is_400(client):
+    for path in ("/search", "/knn-service"):
+        response = raw_json(client, path, b'{"text": "caf\xe9"}')
+        assert response.status_code == 400 and response.json()["detail"] == "the request body is not UTF-8 text"
+
+
+# -- deep nesting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+@pytest.mark.parametrize("path", ["/search", "/moderate", "/knn-service"])
+def test_deeply_nested_json_is_400(client, path, depth):
+    nested = b"[" * depth + b"]" * depth
+    body = b'{"items": [{"text": "x"}], "policy": {"concepts": ' + nested + b"}}" if path == "/moderate" else nested
+    response = raw_json(client, path, body)
+    assert response.status_code == 400
+    assert response.json()["detail"] == "the request's JSON nests deeper than 32 levels"
+
+
+def test_brackets_inside_strings_are_not_nesting(client):
+    response = client.post("/search", json={"text": "a red circle " + "[{" * 100 + '\\"' + "}]" * 100, "k": 1})
+    assert response.status_code == 200
+
+
+# -- numbers that are not finite -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_nan_or_infinite_numbers_are_400(client, number):
+    vector = b"[" + b", ".join([number] + [b"0.1"] * 63) + b"]"
+    response = client.post("/knn-service", content=b'{"num_images": 1, "embedding_input": ' + vector + b"}")
+    assert response.status_code == 400
+    assert number.decode().lstrip("-") in response.json()["detail"]
+    weighted = raw_json(client, "/search", b'{"terms": [{"text": "a circle", "weight": ' + number + b"}]}")
+    assert weighted.status_code == 400
 
 
 # -- clients that go away --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ ENGINES = {
         "search.http.app",
         "search.http.context",
         "search.http.knn_service",
+        "search.http.strict_input",  # the route class that reads requests strictly
         "search.http.uploads",  # the ASGI middleware that watches request bodies
     },
     "starlette": {"search.http.context", "search.http.uploads"},  # the thread pool; a client that left

@@ -1,10 +1,11 @@
 """The HTTP API over one SearchEngine: `clipseek serve`, or `create_app(engine)` under any ASGI server.
 
 One warm engine serves every request (it follows the indexer's commits by itself). Requests are
-validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad query), 404
-(no such item) or 503 (model or index unavailable); work longer than the timeout is a 504; a
-body larger than the limit is a 413 (uploads.BodyGuard). URLs in answers are relative or under --public-url, never
-taken from the Host header. With a token, every route that
+read strictly (strict_input: 400 for JSON or query strings that are not Unicode, NaN, or nested
+too deep) and validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad
+query), 404 (no such item) or 503 (model or index unavailable); work longer than the timeout is a
+504; a body larger than the limit is a 413 (uploads.BodyGuard). URLs in answers are relative or
+under --public-url, never taken from the Host header. With a token, every route that
 returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
 OpenAPI description hold no data and stay open.
 """
@@ -26,6 +27,7 @@ from search.engine import Query as EngineQuery
 from search.http import knn_service
 from search.http.context import ServerSettings, engine_of, run
 from search.http.schemas import MAX_TEXT, ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
+from search.http.strict_input import StrictRoute
 from search.http.thumbnails import SIZES, Thumbnails
 from search.http.uploads import BodyGuard
 
@@ -46,7 +48,7 @@ def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> 
     app.state.thumbnails = Thumbnails()
     _error_handlers(app)
 
-    api = APIRouter(dependencies=[Depends(_authorised)])
+    api = APIRouter(dependencies=[Depends(_authorised)], route_class=StrictRoute)
     _search_routes(api)
     _item_routes(api)
     _judging_routes(api)

@@ -13,7 +13,6 @@ ignored; `deduplicate` is ignored too, since an index holds each picture once.
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -24,9 +23,10 @@ from search.engine import MAX_K
 from search.engine import Query as EngineQuery
 from search.http.context import engine_of, link, run
 from search.http.schemas import MAX_TEXT, image_bytes
+from search.http.strict_input import StrictRoute
 from search.http.url_fetch import fetch_image
 
-router = APIRouter(tags=["clip-retrieval"])
+router = APIRouter(tags=["clip-retrieval"], route_class=StrictRoute)
 PREVIEW = 256  # pixels: the base64 `image` clip-front shows in its grid
 
 
@@ -52,7 +52,7 @@ class MetadataRequest(BaseModel):
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
     try:
-        return model.model_validate(json.loads(await request.body()))
+        return model.model_validate(await request.json())
     except ValueError as error:  # json.JSONDecodeError and pydantic's ValidationError are ValueErrors
         errors = error.errors(include_url=False) if isinstance(error, ValidationError) else str(error)
         raise HTTPException(422, errors) from None
