@@ -1,12 +1,17 @@
 """Hostile requests to `clipseek serve` over a real socket: each is a 4xx that says why, never a 500
 nor a traceback in the server's log."""
 
+import json
 import socket
 import time
 
 import httpx
+import numpy as np
 import pytest
 
+from indexer.errors import QueryError
+from search.engine import SearchEngine
+from search.query import Query
 from tests.http_server import demo_index, serving
 
 LONE_SURROGATE = b'"\\ud800"'  # JSON's escape for half of a UTF-16 pair, alone
@@ -36,8 +41,20 @@ def client(server):
         yield client
 
 
+@pytest.fixture(scope="module")
+def ids(server):
+    """A stored picture's id and a stored caption's id."""
+    picture = httpx.get(f"{server}/search", params={"text": "a red circle", "k": 1}).json()["hits"][0]["id"]
+    caption = httpx.get(f"{server}/search", params={"text": "a red circle", "modality": "text", "k": 1})
+    return picture, caption.json()["hits"][0]["id"]
+
+
 def raw_json(client, path: str, body: bytes) -> httpx.Response:
     return client.post(path, content=body, headers={"Content-Type": "application/json"})
+
+
+def knn_body(**fields) -> bytes:
+    return json.dumps({"num_images": 1, **fields}).encode()
 
 
 # -- text that is not Unicode --------------------------------------------------------------------
@@ -97,6 +114,35 @@ def test_brackets_inside_strings_are_not_nesting(client):
     assert response.status_code == 200
 
 
+# -- the label template ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template", ["{0.__class__} {}", "{:>99999999}", "a {0} shape", "a {label} shape", "{!r}", "{} {", "a shape"]
+)
+def test_the_label_template_is_no_format_string(client, ids, template):
+    picture, _ = ids
+    body = {"images": [{"item": picture}], "labels": ["red", "blue"], "template": template}
+    response = client.post("/classify", json=body)
+    assert response.status_code == 422
+    problem = response.json()["detail"][0]
+    assert problem["loc"] == ["body", "template"] and "the label goes where {} is" in problem["msg"]
+
+
+def test_every_plain_placeholder_takes_the_label(client, ids, library, monkeypatch):
+    picture, _ = ids
+    body = {"images": [{"item": picture}], "labels": ["red", "blue"], "template": "a {} circle, {} all over"}
+    assert client.post("/classify", json=body).status_code == 200
+    with SearchEngine.open(library / "index") as engine:
+        with pytest.raises(QueryError, match="no other braces"):
+            engine.classify([picture], ["red", "blue"], "{0.__class__} {}")
+        embedded = []
+        embed_texts = engine.encoder.embed_texts
+        monkeypatch.setattr(engine.encoder, "embed_texts", lambda texts: embedded.extend(texts) or embed_texts(texts))
+        engine.classify([picture], ["red", "blue"], "a {} circle, {} all over")
+    assert embedded == ["a red circle, red all over", "a blue circle, blue all over"]
+
+
 # -- numbers that are not finite -------------------------------------------------------------------
 
 
@@ -108,6 +154,35 @@ def test_nan_or_infinite_numbers_are_400(client, number):
     assert number.decode().lstrip("-") in response.json()["detail"]
     weighted = raw_json(client, "/search", b'{"terms": [{"text": "a circle", "weight": ' + number + b"}]}")
     assert weighted.status_code == 400
+
+
+def test_a_vector_of_huge_finite_numbers_is_a_direction(client):
+    response = client.post("/knn-service", content=knn_body(embedding_input=[1e308] * 64))
+    assert response.status_code == 200 and len(response.json()) == 1
+
+
+def test_the_python_api_refuses_a_vector_that_is_not_finite():
+    with pytest.raises(QueryError, match="finite"):
+        Query.vector([np.nan] + [0.1] * 63)
+
+
+# -- items of the wrong modality -------------------------------------------------------------------
+
+
+def test_a_caption_where_a_picture_is_needed_is_400(client, ids):
+    _, caption = ids
+    policy = {"concepts": {"red": {"prompts": ["a red circle"], "threshold": 0.5}}}
+    for path, body in [
+        ("/classify", {"images": [{"item": caption}], "labels": ["red", "blue"]}),
+        ("/moderate", {"items": [{"item": caption}], "policy": policy}),
+    ]:
+        response = client.post(path, json=body)
+        assert response.status_code == 400
+        assert response.json()["detail"] == f"item {caption} is a caption, not a picture"
+    for suffix in ("image", "thumbnail"):
+        assert client.get(f"/items/{caption}/{suffix}").status_code == 400
+    # A caption is a fine query, though: text → picture search by a stored caption.
+    assert client.post("/search", json={"item": caption, "k": 1}).status_code == 200
 
 
 # -- clients that go away --------------------------------------------------------------------------

@@ -221,8 +221,6 @@ def _judging_routes(api: APIRouter) -> None:
     @api.post("/classify", tags=["judge"])
     async def classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
         """Zero-shot classification: each picture's probability for each label, best first."""
-        if "{}" not in body.template:
-            raise HTTPException(422, "template must contain {} where the label goes")
         pictures = [_picture(ref) for ref in body.images]
         results = await run(request, engine_of(request).classify, pictures, body.labels, body.template)
         return {"results": [{"labels": labels} for labels in results]}

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from indexer.errors import QueryError
+from search.engine import LABEL_TEMPLATE
 
 MAX_TEXT = 2000  # characters; CLIP reads at most 77 tokens, so longer texts are mistakes or abuse
 MAX_TERMS = 16
 MAX_BATCH = 64  # pictures per classify or moderate request
+
+
+def _label_template(template: str) -> str:
+    # The engine checks the same rule; here a client learns it as a 422 naming the field.
+    if not re.match(LABEL_TEMPLATE, template):
+        raise ValueError("the label goes where {} is, and no other brace may appear (no {0}, {name} or {:>9})")
+    return template
 
 
 def image_bytes(encoded: str) -> bytes:
@@ -87,7 +96,7 @@ class ImageRef(_Strict):
     """A picture: base64 bytes, or a stored item."""
 
     image: str | None = None
-    item: int | None = None
+    item: int | None = Field(None, description="A stored picture's id (not a caption's).")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ImageRef:
@@ -99,14 +108,19 @@ class ImageRef(_Strict):
 class ClassifyRequest(_Strict):
     images: list[ImageRef] = Field(min_length=1, max_length=MAX_BATCH)
     labels: list[str] = Field(min_length=2, max_length=1000)
-    template: str = Field("a photo of a {}.", max_length=MAX_TEXT)
+    template: Annotated[str, AfterValidator(_label_template)] = Field(
+        "a photo of a {}.",
+        max_length=MAX_TEXT,
+        json_schema_extra={"pattern": LABEL_TEMPLATE},
+        description="The text a label becomes: each {} is replaced by the label; no other braces.",
+    )
 
 
 class ModerateItem(_Strict):
     """One upload to judge: a picture (base64 or stored item), its accompanying text, or both."""
 
     image: str | None = None
-    item: int | None = None
+    item: int | None = Field(None, description="A stored picture's id (not a caption's).")
     text: str | None = Field(None, max_length=MAX_TEXT)
 
     @model_validator(mode="after")
