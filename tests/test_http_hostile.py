@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from indexer.errors import QueryError
-from search.engine import SearchEngine
+from search.engine import LABEL_TEMPLATE, SearchEngine
 from search.query import Query
 from tests.http_server import demo_index, serving
 
+BEYOND_64_BITS = 2**64
 LONE_SURROGATE = b'"\\ud800"'  # JSON's escape for half of a UTF-16 pair, alone
 
 
@@ -55,6 +56,55 @@ def raw_json(client, path: str, body: bytes) -> httpx.Response:
 
 def knn_body(**fields) -> bytes:
     return json.dumps({"num_images": 1, **fields}).encode()
+
+
+# -- ids and counts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "loc"),
+    [
+        ("/search", {"item": BEYOND_64_BITS}, ["body", "item"]),
+        ("/search", {"item": 2**63}, ["body", "item"]),
+        ("/search", {"item": -1}, ["body", "item"]),
+        ("/search", {"item": True}, ["body", "item"]),
+        ("/search", {"text": "a circle", "k": BEYOND_64_BITS}, ["body", "k"]),
+        ("/search", {"text": "a circle", "k": True}, ["body", "k"]),
+        ("/search", {"terms": [{"item": BEYOND_64_BITS}]}, ["body", "terms", 0, "item"]),
+        ("/classify", {"images": [{"item": BEYOND_64_BITS}], "labels": ["a", "b"]}, ["body", "images", 0, "item"]),
+        ("/moderate", {"items": [{"item": False}]}, ["body", "items", 0, "item"]),
+        ("/metadata", {"ids": [BEYOND_64_BITS]}, ["body", "ids", 0]),
+        ("/metadata", {"ids": [-3]}, ["body", "ids", 0]),
+        ("/metadata", {"ids": [True]}, ["body", "ids", 0]),
+        ("/knn-service", {"text": "a circle", "num_images": BEYOND_64_BITS}, ["body", "num_images"]),
+        ("/knn-service", {"text": "a circle", "num_images": True}, ["body", "num_images"]),
+        ("/knn-service", {"text": "a circle", "num_result_ids": -BEYOND_64_BITS}, ["body", "num_result_ids"]),
+    ],
+)
+def test_ids_and_counts_beyond_64_bits_negative_or_boolean_are_422(client, path, body, loc):
+    response = client.post(path, json=body)
+    assert response.status_code == 422
+    problem = response.json()["detail"][0]
+    assert problem["loc"] == loc
+    bounds = ("less than or equal to 9007199254740991", "greater than or equal to", "not true or false")
+    assert any(words in problem["msg"] for words in bounds)
+
+
+def test_ids_and_counts_in_a_url_or_a_form_are_bounded_too(client):
+    response = client.get("/search", params={"item": BEYOND_64_BITS})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "item"]
+    response = client.get("/search", params={"text": "a circle", "k": BEYOND_64_BITS})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "k"]
+    response = client.post("/search/image", files={"image": ("q.png", b"x")}, data={"k": str(BEYOND_64_BITS)})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "k"]
+
+
+@pytest.mark.parametrize("path", ["/items/١٢", "/items/١/image", "/items/١/thumbnail", "/items/１", "/items/²"])
+def test_path_ids_are_ascii_digits_only(client, path):
+    # int() reads Arabic-Indic and full-width digits; an id in a path is 0-9 and nothing else.
+    response = client.get(path)
+    assert response.status_code == 404 and response.json()["detail"].startswith("no item")
+    assert client.get("/items/1").json()["id"] == 1
 
 
 # -- text that is not Unicode --------------------------------------------------------------------
@@ -209,3 +259,20 @@ def test_a_client_leaving_mid_upload_leaves_one_log_line(server, server_log):
     assert "went away during POST /knn-service after sending 15 bytes of its body" in printed
     assert "Traceback" not in printed and "ClientDisconnect" not in printed
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+# -- the OpenAPI description -----------------------------------------------------------------------
+
+
+def test_openapi_states_the_limits_and_the_refusals(client):
+    schema = client.get("/openapi.json").json()
+    models = schema["components"]["schemas"]
+    item = models["ImageRef"]["properties"]["item"]["anyOf"][0]
+    assert (item["minimum"], item["maximum"]) == (1, 2**53 - 1)
+    assert models["SearchRequest"]["properties"]["k"]["maximum"] == 2**53 - 1
+    assert models["ClassifyRequest"]["properties"]["template"]["pattern"] == LABEL_TEMPLATE
+    paths = schema["paths"]
+    assert {"400", "404", "413", "422"} <= set(paths["/search"]["post"]["responses"])
+    assert {"400", "422"} <= set(paths["/knn-service"]["post"]["responses"])
+    refusal = paths["/search"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
+    assert refusal == {"$ref": "#/components/schemas/ErrorMessage"}

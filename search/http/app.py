@@ -26,7 +26,16 @@ from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
 from search.http import knn_service
 from search.http.context import ServerSettings, engine_of, run
-from search.http.schemas import MAX_TEXT, ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
+from search.http.schemas import (
+    MAX_INTEGER,
+    MAX_TEXT,
+    ClassifyRequest,
+    ModerateRequest,
+    SearchParams,
+    SearchRequest,
+    errors,
+    image_bytes,
+)
 from search.http.strict_input import StrictRoute
 from search.http.thumbnails import SIZES, Thumbnails
 from search.http.uploads import BodyGuard
@@ -48,7 +57,9 @@ def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> 
     app.state.thumbnails = Thumbnails()
     _error_handlers(app)
 
-    api = APIRouter(dependencies=[Depends(_authorised)], route_class=StrictRoute)
+    api = APIRouter(
+        dependencies=[Depends(_authorised)], route_class=StrictRoute, responses=errors(400, 401, 413, 503, 504)
+    )
     _search_routes(api)
     _item_routes(api)
     _judging_routes(api)
@@ -131,7 +142,7 @@ async def _answer(request: Request, query: EngineQuery, fields) -> dict[str, Any
 
 
 def _search_routes(api: APIRouter) -> None:
-    @api.post("/search", tags=["search"])
+    @api.post("/search", tags=["search"], responses=errors(404))
     async def search(request: Request, body: SearchRequest) -> dict[str, Any]:
         """Nearest items to a text, a picture (base64), a stored item, or a weighted mix of them (`terms`)."""
         terms = body.all_terms()
@@ -139,7 +150,7 @@ def _search_routes(api: APIRouter) -> None:
             raise HTTPException(422, "give a text, an image, an item or terms")
         return await _answer(request, _query(terms), body)
 
-    @api.get("/search", tags=["search"])
+    @api.get("/search", tags=["search"], responses=errors(404))
     async def search_get(request: Request, params: Annotated[SearchParams, Query()]) -> dict[str, Any]:
         """POST /search for a text or an item, in the URL: `/search?text=a+red+circle&k=5`."""
         return await search(request, SearchRequest(**params.model_dump()))
@@ -150,7 +161,7 @@ def _search_routes(api: APIRouter) -> None:
         image: Annotated[UploadFile, File(description="the query picture")],
         text: Annotated[str | None, Form(max_length=MAX_TEXT, description="a text added to the picture")] = None,
         modality: Annotated[str, Form(pattern="^(image|text)$")] = "image",
-        k: Annotated[int, Form(ge=1)] = 10,
+        k: Annotated[int, Form(ge=1, le=MAX_INTEGER)] = 10,
         offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
     ) -> dict[str, Any]:
         """A multipart upload: `curl -F image=@cat.jpg -F k=5 http://127.0.0.1:8000/search/image`."""
@@ -164,26 +175,26 @@ def _search_routes(api: APIRouter) -> None:
 
 
 def _item_id(item_id: str) -> int:
-    # Only a plain number names an item; anything else (a path, '..') names nothing.
-    if not item_id.isdecimal() or len(item_id) > 18:
+    # Only a plain number in ASCII digits names an item; anything else (a path, '..', '١٢') names nothing.
+    if not (item_id.isascii() and item_id.isdecimal()) or len(item_id) > 18:
         raise HTTPException(404, f"no item {item_id[:40]!r}")
     return int(item_id)
 
 
 def _item_routes(api: APIRouter) -> None:
-    @api.get("/items/{item_id}", tags=["items"])
+    @api.get("/items/{item_id}", tags=["items"], responses=errors(404))
     async def item(request: Request, item_id: str) -> dict[str, Any]:
         """What the index knows of an item."""
         return await run(request, engine_of(request).item, _item_id(item_id))
 
-    @api.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response)
+    @api.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response, responses=errors(404))
     async def thumbnail(request: Request, item_id: str, size: Annotated[int, Query(ge=SIZES[0], le=SIZES[1])] = 256):
         """A JPEG preview of a stored picture, at most `size` pixels on its long side."""
         path = await run(request, engine_of(request).image_file, _item_id(item_id))
         data = await run(request, request.app.state.thumbnails.jpeg, path, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=600"})
 
-    @api.get("/items/{item_id}/image", tags=["items"], response_class=FileResponse)
+    @api.get("/items/{item_id}/image", tags=["items"], response_class=FileResponse, responses=errors(404))
     async def image(request: Request, item_id: str):
         """The stored picture itself, as it is on disk (the path comes from the catalog only)."""
         path = await run(request, engine_of(request).image_file, _item_id(item_id))
@@ -218,14 +229,14 @@ def _picture(ref) -> Any:
 
 
 def _judging_routes(api: APIRouter) -> None:
-    @api.post("/classify", tags=["judge"])
+    @api.post("/classify", tags=["judge"], responses=errors(404))
     async def classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
         """Zero-shot classification: each picture's probability for each label, best first."""
         pictures = [_picture(ref) for ref in body.images]
         results = await run(request, engine_of(request).classify, pictures, body.labels, body.template)
         return {"results": [{"labels": labels} for labels in results]}
 
-    @api.post("/moderate", tags=["judge"])
+    @api.post("/moderate", tags=["judge"], responses=errors(404))
     async def moderate(request: Request, body: ModerateRequest) -> dict[str, Any]:
         """Judge pictures and texts against the server's policy (or one sent inline): block, review or allow."""
         from search.moderation import Policy
