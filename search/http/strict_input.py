@@ -21,12 +21,15 @@ from fastapi.routing import APIRoute
 MAX_DEPTH = 32  # levels of nested arrays and objects; the deepest request (an inline policy) needs 6
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_OPENING = np.frombuffer(b"[{", np.uint8)
-_CLOSING = np.frombuffer(b"]}", np.uint8)
+# \ud800 to \udfff, the only way a surrogate gets into JSON that is UTF-8; mostly in valid pairs
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_STEP = np.zeros(256, np.int8)  # what each byte outside strings does to the depth
+_STEP[np.frombuffer(b"[{", np.uint8)] = 1
+_STEP[np.frombuffer(b"]}", np.uint8)] = -1
 
 
 def parse_json(body: bytes) -> Any:
-    """A request body as JSON; HTTPException 400 for what JSON or UTF-8 forbid, 422 for bad syntax."""
+    """A request body as JSON: HTTPException 400 for what JSON or UTF-8 forbid, JSONDecodeError (422) for bad syntax."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -37,11 +40,8 @@ def parse_json(body: bytes) -> Any:
         raise _too_deep() from None
     if _depth(body) > MAX_DEPTH:
         raise _too_deep()
-    try:  # a lone surrogate cannot be encoded, so this finds one anywhere, in keys too
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        detail = "the request's JSON holds a lone surrogate (such as \\ud800), which is no Unicode text"
-        raise HTTPException(400, detail) from None
+    if _SURROGATE_ESCAPE.search(body) and not _encodable(value):
+        raise HTTPException(400, "the request's JSON holds a lone surrogate (such as \\ud800), which is no text")
     return value
 
 
@@ -84,11 +84,19 @@ def _finite(literal: str) -> float:
     return number
 
 
+def _encodable(value: Any) -> bool:
+    """Whether a parsed value is Unicode throughout: a lone surrogate, in a key or a value, cannot be encoded."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _depth(body: bytes) -> int:
     """How deep arrays and objects nest, counted on the brackets outside strings."""
     skeleton = np.frombuffer(_STRING.sub(b"", body), np.uint8)
-    steps = np.isin(skeleton, _OPENING).astype(np.int64) - np.isin(skeleton, _CLOSING)
-    return int(np.cumsum(steps).max(initial=0))
+    return int(np.cumsum(_STEP[skeleton], dtype=np.int64).max(initial=0))
 
 
 def _too_deep() -> HTTPException:
