@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -43,6 +44,9 @@ __all__ = ["MAX_K", "Hit", "Query", "SearchEngine"]
 
 MAX_K = 1000  # more hits than anyone reads; larger requests are capped
 PROMPT_CACHE = 64  # policies whose prompt embeddings an engine keeps (inline HTTP policies vary)
+# A label template: the label goes where {} is, and no other brace may appear. The template is
+# never a format string, so it cannot reach attributes ({0.__class__}) or pad a label ({:>99999999}).
+LABEL_TEMPLATE = r"^[^{}]*(?:\{\}[^{}]*)+$"
 
 
 class SearchEngine:
@@ -215,10 +219,13 @@ class SearchEngine:
 
     def image_file(self, item_id: int) -> Path:
         """Where a stored picture is on disk: taken from the catalog, never from the caller."""
+        return Path(os.fsdecode(self._picture(item_id).path))
+
+    def _picture(self, item_id: int):
         row = self._row(item_id)
         if row.modality != "image":
             raise QueryError(f"item {item_id} is a caption, not a picture")
-        return Path(os.fsdecode(row.path))
+        return row
 
     def _row(self, item_id: int):
         row = self.store.catalog.items_by_id([item_id]).get(item_id)
@@ -231,14 +238,16 @@ class SearchEngine:
     ) -> list[dict[str, float]]:
         """CLIP zero-shot classification: for each image, each label's probability, best first.
 
-        An image is a path (str or Path), bytes, a PIL image or a stored item id (int).
+        An image is a path (str or Path), bytes, a PIL image or a stored picture's id (int).
         Probabilities are the softmax of the model's own logit scale times the cosine
-        similarities to `template` filled with each label.
+        similarities to `template` with each {} replaced by the label (LABEL_TEMPLATE).
         """
         labels = [label.strip() for label in labels if label.strip()]
         if len(labels) < 2:
             raise QueryError("give at least two labels to choose between")
-        texts = self.encoder.embed_texts([template.format(label) for label in labels])
+        if not re.match(LABEL_TEMPLATE, template):
+            raise QueryError(f"a label template has {{}} for the label and no other braces, not {template[:100]!r}")
+        texts = self.encoder.embed_texts([template.replace("{}", label) for label in labels])
         logits = self.encoder.logit_scale * self.embed_images(images) @ texts.T
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
@@ -247,7 +256,7 @@ class SearchEngine:
         ]
 
     def embed_images(self, images: Sequence[Any]) -> np.ndarray:
-        """Unit vectors of images (paths, bytes, PIL images or stored item ids), new ones embedded in one batch."""
+        """Unit vectors of images (paths, bytes, PIL images or stored pictures' ids), new ones embedded in one batch."""
         vectors = np.zeros((len(images), self.store.model_id.dim), np.float32)
         stored = {
             row: int(image)
@@ -255,6 +264,7 @@ class SearchEngine:
             if isinstance(image, (int, np.integer)) and not isinstance(image, bool)
         }
         for row, item in stored.items():
+            self._picture(item)  # a caption's vector is no picture to classify or moderate
             vectors[row] = self._term_vector("item", item)
         fresh = [row for row in range(len(images)) if row not in stored]
         if fresh:

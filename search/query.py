@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from indexer.errors import QueryError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -60,6 +62,11 @@ class Query:
     def vector(cls, vector: Sequence[float]) -> Query:
         """An embedding made elsewhere with the same model (it is normalised here)."""
         vector = np.asarray(vector, dtype=np.float64)
+        if not np.isfinite(vector).all():
+            raise QueryError("a query vector must hold finite numbers (no NaN or infinity)")
+        largest = np.abs(vector).max(initial=0)
+        if largest > 0:  # scaled first, so that the norm of values near 1e308 does not overflow
+            vector = vector / largest
         return cls([(1.0, "vector", vector / max(np.linalg.norm(vector), 1e-12))])
 
     @classmethod

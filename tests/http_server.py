@@ -46,12 +46,16 @@ def peak_memory(pid: int) -> int:
 
 
 @contextmanager
-def serving(index: Path, *args: str, env: dict | None = None):
-    """Yields the server's base URL (a Server) once /health answers; stops the server afterwards."""
+def serving(index: Path, *args: str, env: dict | None = None, log: Path | None = None):
+    """Yields the server's base URL (a Server) once /health answers; stops the server afterwards.
+
+    The server's stderr goes to `log` when one is given, for a test to read what it printed.
+    """
     port = free_port()
     command = [CLIPSEEK, "serve", "--index", str(index), "--port", str(port), *args]
+    stderr = log.open("w") if log else subprocess.PIPE
     process = subprocess.Popen(
-        command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=stderr, text=True
     )
     url = Server(f"http://127.0.0.1:{port}")
     url.pid = process.pid
@@ -59,7 +63,8 @@ def serving(index: Path, *args: str, env: dict | None = None):
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"clipseek serve exited {process.returncode}: {process.stderr.read()}")
+                printed = log.read_text() if log else process.stderr.read()
+                raise RuntimeError(f"clipseek serve exited {process.returncode}: {printed}")
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -74,3 +79,5 @@ def serving(index: Path, *args: str, env: dict | None = None):
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+        if log:
+            stderr.close()

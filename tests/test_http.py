@@ -10,10 +10,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from indexer.demo_world import Scene, render
 from indexer.pipeline import Indexer
+from search.cli.main import cli
 from search.engine import MAX_K, SearchEngine
 from tests.http_server import demo_index, peak_memory, serving
 from tests.odd_pictures import huge_png
@@ -320,6 +322,41 @@ def test_knn_service_refuses_bad_input_and_private_urls(client):
         response = knn(client, image_url=url, modality="image", num_images=3, indice_name=None)
         assert response.status_code == 400, url
         assert "refused" in response.json()["detail"] or "http or https" in response.json()["detail"]
+
+
+def test_a_forged_host_header_changes_nothing(server):
+    forged = {"Authorization": f"Bearer {TOKEN}", "Host": "evil.example", "X-Forwarded-Host": "evil.example"}
+    with httpx.Client(base_url=server, headers=forged, timeout=60) as client:
+        nearest = knn(client, text="a red circle", modality="image", num_images=3)
+        found = nearest.json()
+        responses = [
+            nearest,
+            client.post("/metadata", content=json.dumps({"ids": [found[0]["id"]]})),
+            client.get("/search", params={"text": "a red circle", "k": 3}),
+            client.get(f"/items/{found[0]['id']}"),
+            client.get("/search/"),  # no redirect: Starlette would build its Location from the Host header
+            client.get("/stats"),
+            client.get("/docs"),
+            client.get("/openapi.json"),
+            client.get("/"),
+        ]
+    for response in responses:
+        assert response.status_code in (200, 404), response.request.url
+        assert b"evil.example" not in response.content
+        assert "evil.example" not in str(response.headers)
+    assert [result["url"] for result in found] == [f"/items/{result['id']}/image" for result in found]
+    assert responses[1].json()[0]["metadata"]["url"] == f"/items/{found[0]['id']}/image"
+
+
+def test_public_url_is_where_answers_point(library):
+    root, _ = library
+    with serving(root / "index", "--public-url", "https://photos.example.org/clipseek/") as url:
+        forged = {"Host": "evil.example"}
+        body = json.dumps({"text": "a red circle", "num_images": 1})
+        result = httpx.post(f"{url}/knn-service", content=body, headers=forged).json()[0]
+    assert result["url"] == f"https://photos.example.org/clipseek/items/{result['id']}/image"
+    refused = CliRunner().invoke(cli, ["serve", "--public-url", "ftp://photos.example.org"])
+    assert refused.exit_code == 2 and "is not an http(s) URL" in refused.output
 
 
 def test_without_fetch_urls_image_url_is_off_timeouts_are_504_and_openapi_describes_the_api(library):

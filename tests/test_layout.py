@@ -22,8 +22,14 @@ ENGINES = {
     "sqlalchemy": {"indexer.store.catalog"},
     "ray": {"indexer.ray.pipeline"},
     "pyarrow": {"indexer.ray.shards", "indexer.sources.remote"},  # Parquet shards; object stores' file systems
-    "fastapi": {"search.http.app", "search.http.context", "search.http.knn_service"},
-    "starlette": {"search.http.context"},
+    "fastapi": {
+        "search.http.app",
+        "search.http.context",
+        "search.http.knn_service",
+        "search.http.strict_input",  # the route class that reads requests strictly
+        "search.http.uploads",  # the ASGI middleware that watches request bodies
+    },
+    "starlette": {"search.http.context", "search.http.uploads"},  # the thread pool; a client that left
     "uvicorn": {"search.cli.serve_command"},
 }
 ENGINE_PREFIXES = {"click": "search.cli.", "pydantic": "search.http."}  # a layer's own framework

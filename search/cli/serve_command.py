@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import click
 
@@ -16,6 +17,16 @@ def _bytes(text: str) -> int:
     if not match:
         raise click.BadParameter(f"{text!r} is not a size (for example 20M)")
     return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _public_url(ctx, param, text: str | None) -> str:
+    """The base of the URLs answers give, without its trailing slash; '' keeps them relative."""
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise click.BadParameter(f"{text!r} is not an http(s) URL such as https://photos.example.org/clipseek")
+    return text.rstrip("/")
 
 
 @click.command()
@@ -35,8 +46,14 @@ def _bytes(text: str) -> int:
 )
 @click.option("--fetch-urls", is_flag=True, help="Let /knn-service fetch image_url (public addresses only).")
 @click.option("--cors", multiple=True, metavar="ORIGIN", help="Let pages from ORIGIN call the API (repeatable).")
+@click.option(
+    "--public-url",
+    callback=_public_url,
+    metavar="URL",
+    help="Where clients reach the server (behind a proxy); URLs in answers start with it. Default: relative URLs.",
+)
 @weights_option
-def serve(index, host, port, token, policy, max_upload, max_pixels, timeout, fetch_urls, cors, checkpoint):
+def serve(index, host, port, token, policy, max_upload, max_pixels, timeout, fetch_urls, cors, public_url, checkpoint):
     """Serve the HTTP API and the search page for an index.
 
     \b
@@ -69,6 +86,7 @@ def serve(index, host, port, token, policy, max_upload, max_pixels, timeout, fet
         fetch_urls=fetch_urls,
         cors=tuple(cors),
         index_name=index_dir(index).name,
+        public_url=public_url,
     )
     engine = SearchEngine.open(index, checkpoint, max_pixels=max_pixels)
     click.echo(f"loading the model of {engine.store.root} …", err=True)

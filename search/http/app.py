@@ -1,12 +1,13 @@
 """The HTTP API over one SearchEngine: `clipseek serve`, or `create_app(engine)` under any ASGI server.
 
 One warm engine serves every request (it follows the indexer's commits by itself). Requests are
-validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad query), 404
-(no such item) or 503 (model or index unavailable); work longer than the timeout is a 504; a
-body larger than the limit is a 413 (before it is read when its length is declared, as soon as
-it passes the limit when it streams), and so is a picture whose header declares more pixels than
-the engine's budget (SearchEngine.open(max_pixels=...); `clipseek serve --max-pixels`), refused
-before it is decoded. With a token, every route that
+read strictly (strict_input: 400 for JSON or query strings that are not Unicode, NaN, or nested
+too deep) and validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad
+query), 404 (no such item) or 503 (model or index unavailable); work longer than the timeout is a
+504; a body larger than the limit is a 413 (uploads.BodyGuard), and so is a picture whose header
+declares more pixels than the engine's budget (`clipseek serve --max-pixels`), refused before it
+is decoded. URLs in answers are relative or under --public-url, never taken from the Host header.
+With a token, every route that
 returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
 OpenAPI description hold no data and stay open.
 """
@@ -35,21 +36,40 @@ from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
 from search.http import knn_service
 from search.http.context import ServerSettings, engine_of, run
-from search.http.schemas import MAX_TEXT, ClassifyRequest, ModerateRequest, SearchParams, SearchRequest, image_bytes
+from search.http.schemas import (
+    MAX_INTEGER,
+    MAX_TEXT,
+    ClassifyRequest,
+    ModerateRequest,
+    SearchParams,
+    SearchRequest,
+    errors,
+    image_bytes,
+)
+from search.http.strict_input import StrictRoute
 from search.http.thumbnails import SIZES, Thumbnails
+from search.http.uploads import BodyGuard
 
 WEB = Path(__file__).with_name("web")
 
 
 def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    app = FastAPI(title="clipseek", version=_version(), summary="CLIP search over an index of pictures and captions")
+    # No redirect to add or drop a trailing slash: Starlette builds its Location from the Host header.
+    app = FastAPI(
+        title="clipseek",
+        version=_version(),
+        summary="CLIP search over an index of pictures and captions",
+        redirect_slashes=False,
+    )
     app.state.engine = engine
     app.state.settings = settings
     app.state.thumbnails = Thumbnails()
     _error_handlers(app)
 
-    api = APIRouter(dependencies=[Depends(_authorised)])
+    api = APIRouter(
+        dependencies=[Depends(_authorised)], route_class=StrictRoute, responses=errors(400, 401, 413, 503, 504)
+    )
     _search_routes(api)
     _item_routes(api)
     _judging_routes(api)
@@ -73,7 +93,7 @@ def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> 
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(BodyLimit, limit=settings.max_body)
+    app.add_middleware(BodyGuard, limit=settings.max_body)
     return app
 
 
@@ -139,7 +159,7 @@ async def _answer(request: Request, query: EngineQuery, fields) -> dict[str, Any
 
 
 def _search_routes(api: APIRouter) -> None:
-    @api.post("/search", tags=["search"])
+    @api.post("/search", tags=["search"], responses=errors(404))
     async def search(request: Request, body: SearchRequest) -> dict[str, Any]:
         """Nearest items to a text, a picture (base64), a stored item, or a weighted mix of them (`terms`)."""
         terms = body.all_terms()
@@ -147,7 +167,7 @@ def _search_routes(api: APIRouter) -> None:
             raise HTTPException(422, "give a text, an image, an item or terms")
         return await _answer(request, _query(terms), body)
 
-    @api.get("/search", tags=["search"])
+    @api.get("/search", tags=["search"], responses=errors(404))
     async def search_get(request: Request, params: Annotated[SearchParams, Query()]) -> dict[str, Any]:
         """POST /search for a text or an item, in the URL: `/search?text=a+red+circle&k=5`."""
         return await search(request, SearchRequest(**params.model_dump()))
@@ -158,7 +178,7 @@ def _search_routes(api: APIRouter) -> None:
         image: Annotated[UploadFile, File(description="the query picture")],
         text: Annotated[str | None, Form(max_length=MAX_TEXT, description="a text added to the picture")] = None,
         modality: Annotated[str, Form(pattern="^(image|text)$")] = "image",
-        k: Annotated[int, Form(ge=1)] = 10,
+        k: Annotated[int, Form(ge=1, le=MAX_INTEGER)] = 10,
         offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
     ) -> dict[str, Any]:
         """A multipart upload: `curl -F image=@cat.jpg -F k=5 http://127.0.0.1:8000/search/image`."""
@@ -172,26 +192,26 @@ def _search_routes(api: APIRouter) -> None:
 
 
 def _item_id(item_id: str) -> int:
-    # Only a plain number names an item; anything else (a path, '..') names nothing.
-    if not item_id.isdecimal() or len(item_id) > 18:
+    # Only a plain number in ASCII digits names an item; anything else (a path, '..', '١٢') names nothing.
+    if not (item_id.isascii() and item_id.isdecimal()) or len(item_id) > 18:
         raise HTTPException(404, f"no item {item_id[:40]!r}")
     return int(item_id)
 
 
 def _item_routes(api: APIRouter) -> None:
-    @api.get("/items/{item_id}", tags=["items"])
+    @api.get("/items/{item_id}", tags=["items"], responses=errors(404))
     async def item(request: Request, item_id: str) -> dict[str, Any]:
         """What the index knows of an item."""
         return await run(request, engine_of(request).item, _item_id(item_id))
 
-    @api.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response)
+    @api.get("/items/{item_id}/thumbnail", tags=["items"], response_class=Response, responses=errors(404))
     async def thumbnail(request: Request, item_id: str, size: Annotated[int, Query(ge=SIZES[0], le=SIZES[1])] = 256):
         """A JPEG preview of a stored picture, at most `size` pixels on its long side."""
         path = await run(request, engine_of(request).image_file, _item_id(item_id))
         data = await run(request, request.app.state.thumbnails.jpeg, path, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=600"})
 
-    @api.get("/items/{item_id}/image", tags=["items"], response_class=FileResponse)
+    @api.get("/items/{item_id}/image", tags=["items"], response_class=FileResponse, responses=errors(404))
     async def image(request: Request, item_id: str):
         """The stored picture itself, as it is on disk (the path comes from the catalog only)."""
         path = await run(request, engine_of(request).image_file, _item_id(item_id))
@@ -226,16 +246,14 @@ def _picture(ref) -> Any:
 
 
 def _judging_routes(api: APIRouter) -> None:
-    @api.post("/classify", tags=["judge"])
+    @api.post("/classify", tags=["judge"], responses=errors(404))
     async def classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
         """Zero-shot classification: each picture's probability for each label, best first."""
-        if "{}" not in body.template:
-            raise HTTPException(422, "template must contain {} where the label goes")
         pictures = [_picture(ref) for ref in body.images]
         results = await run(request, engine_of(request).classify, pictures, body.labels, body.template)
         return {"results": [{"labels": labels} for labels in results]}
 
-    @api.post("/moderate", tags=["judge"])
+    @api.post("/moderate", tags=["judge"], responses=errors(404))
     async def moderate(request: Request, body: ModerateRequest) -> dict[str, Any]:
         """Judge pictures and texts against the server's policy (or one sent inline): block, review or allow."""
         from search.moderation import Policy
@@ -246,49 +264,3 @@ def _judging_routes(api: APIRouter) -> None:
         items = [(_picture(item), item.text) for item in body.items]
         verdicts = await run(request, engine_of(request).moderate_many, items, policy)
         return {"results": [verdict.to_dict() for verdict in verdicts]}
-
-
-# -- limits ------------------------------------------------------------------------------------
-
-
-class BodyLimit:
-    """Refuses a request body larger than `limit` bytes with 413, whether it says its length or not.
-
-    A streamed body is counted as the application reads it; past the limit the client gets the
-    413 at once, the application sees a disconnected client, and whatever it answers is dropped.
-    """
-
-    def __init__(self, app, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        received = 0
-        refused = False
-
-        async def counted_receive():
-            nonlocal received, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                refused = True
-                await self._refuse(scope, receive, send)
-                return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            if not refused:
-                await send(message)
-
-        await self.app(scope, counted_receive, guarded_send)
-
-    async def _refuse(self, scope, receive, send):
-        detail = f"the request body is larger than {self.limit} bytes"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)

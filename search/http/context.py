@@ -21,6 +21,7 @@ class ServerSettings:
     fetch_urls: bool = False  # /knn-service's image_url: the server fetches only when enabled
     cors: tuple[str, ...] = ()  # origins allowed to call the API from a browser (clip-front elsewhere)
     index_name: str = "default"  # the name /indices-list gives the index
+    public_url: str = ""  # where clients reach the server (--public-url); empty: answers hold relative URLs
 
 
 async def run(request: Request, function, *args, **kwargs):
@@ -34,3 +35,12 @@ async def run(request: Request, function, *args, **kwargs):
 
 def engine_of(request: Request) -> SearchEngine:
     return request.app.state.engine
+
+
+def link(request: Request, route: str, **params: str) -> str:
+    """A URL of one of this server's routes for a client: relative, or under --public-url.
+
+    Never built from the request's Host header, which any client can forge to plant its own
+    address in answers that others may see (a shared cache, a page built from the answer).
+    """
+    return request.app.state.settings.public_url + request.app.url_path_for(route, **params)

@@ -17,16 +17,18 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from indexer.errors import ItemNotFoundError, QueryError
 from search.engine import MAX_K
 from search.engine import Query as EngineQuery
-from search.http.context import engine_of, run
-from search.http.schemas import MAX_TEXT, image_bytes
+from search.http.context import engine_of, link, run
+from search.http.schemas import MAX_TEXT, ItemId, image_bytes, whole
+from search.http.strict_input import StrictRoute
 from search.http.url_fetch import fetch_image
 
-router = APIRouter(tags=["clip-retrieval"])
+router = APIRouter(tags=["clip-retrieval"], route_class=StrictRoute)
 PREVIEW = 256  # pixels: the base64 `image` clip-front shows in its grid
 
 
@@ -38,24 +40,31 @@ class KnnRequest(BaseModel):
     image_url: str | None = Field(None, max_length=4096)
     embedding_input: list[float] | None = Field(None, max_length=8192)
     modality: str = "image"
-    num_images: int = Field(40, ge=0)
-    num_result_ids: int | None = Field(None, ge=1)
+    num_images: whole(0) = 40
+    num_result_ids: whole(1) | None = None
     indice_name: str | None = None
 
 
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: list[int] = Field(max_length=MAX_K)
+    ids: list[ItemId] = Field(max_length=MAX_K)
     indice_name: str | None = None
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
+    """The body as JSON whatever its Content-Type; a 422 in the shape FastAPI gives its own routes."""
     try:
-        return model.model_validate(json.loads(await request.body()))
-    except ValueError as error:  # json.JSONDecodeError and pydantic's ValidationError are ValueErrors
-        errors = error.errors(include_url=False) if isinstance(error, ValidationError) else str(error)
-        raise HTTPException(422, errors) from None
+        return model.model_validate(await request.json())
+    except json.JSONDecodeError as error:
+        raise RequestValidationError([_json_invalid(error)]) from None
+    except ValidationError as error:
+        errors = error.errors(include_url=False)
+        raise RequestValidationError([{**one, "loc": ("body", *one["loc"])} for one in errors]) from None
+
+
+def _json_invalid(error: json.JSONDecodeError) -> dict[str, Any]:
+    return {"type": "json_invalid", "loc": ["body", error.pos], "msg": "JSON decode error", "ctx": {"error": error.msg}}
 
 
 def _check_index(request: Request, name: str | None) -> None:
@@ -68,13 +77,22 @@ def _schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
 
 
+# The routes read their bodies themselves, so FastAPI does not know they answer 422.
+_REFUSALS = {
+    422: {
+        "description": "The body is not JSON or does not fit the schema.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+    }
+}
+
+
 @router.get("/indices-list")
 def indices_list(request: Request) -> list[str]:
     """The index this server serves, by name."""
     return [request.app.state.settings.index_name]
 
 
-@router.post("/knn-service", openapi_extra=_schema(KnnRequest))
+@router.post("/knn-service", openapi_extra=_schema(KnnRequest), responses=_REFUSALS)
 async def knn_service(request: Request) -> list[dict[str, Any]]:
     """Nearest neighbours in clip-retrieval's request and response shapes."""
     body = await _body(request, KnnRequest)
@@ -90,7 +108,7 @@ async def knn_service(request: Request) -> list[dict[str, Any]]:
     ]
 
 
-@router.post("/metadata", openapi_extra=_schema(MetadataRequest))
+@router.post("/metadata", openapi_extra=_schema(MetadataRequest), responses=_REFUSALS)
 async def metadata(request: Request) -> list[dict[str, Any]]:
     """The metadata of stored items by id (unknown ids are left out)."""
     body = await _body(request, MetadataRequest)
@@ -125,7 +143,7 @@ async def _metadata(request: Request, item_id: int) -> dict[str, Any]:
     item = await run(request, engine.item, item_id)
     if item["modality"] == "text":
         return {"caption": item["caption"]}
-    found = {"image_path": item["path"], "url": str(request.url_for("image", item_id=str(item_id)))}
+    found = {"image_path": item["path"], "url": link(request, "image", item_id=str(item_id))}
     try:
         path = await run(request, engine.image_file, item_id)
         preview = await run(request, request.app.state.thumbnails.jpeg, path, PREVIEW)

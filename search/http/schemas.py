@@ -8,15 +8,43 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from indexer.errors import QueryError
+from search.engine import LABEL_TEMPLATE
 
 MAX_TEXT = 2000  # characters; CLIP reads at most 77 tokens, so longer texts are mistakes or abuse
 MAX_TERMS = 16
 MAX_BATCH = 64  # pictures per classify or moderate request
+# The largest id or count accepted: the largest integer every JSON client reads exactly (JavaScript's
+# numbers; OpenAPI states bounds as doubles too), far beyond any real index or count, within SQLite's ids.
+MAX_INTEGER = 2**53 - 1
+
+
+def whole(ge: int, le: int = MAX_INTEGER) -> Any:
+    """The type of an id or a count from `ge` to `le`, for which JSON's true and false are no numbers."""
+    # The bounds come before the validator: after it, pydantic cannot state them in the JSON schema.
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_not_bool)]
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic reads JSON true as 1; a client sending true for an id or a count has made a mistake.
+    if isinstance(value, bool):
+        raise ValueError("a number is needed, not true or false")
+    return value
+
+
+ItemId = whole(1)
+
+
+def _label_template(template: str) -> str:
+    # The engine checks the same rule; here a client learns it as a 422 naming the field.
+    if not re.match(LABEL_TEMPLATE, template):
+        raise ValueError("the label goes where {} is, and no other brace may appear (no {0}, {name} or {:>9})")
+    return template
 
 
 def image_bytes(encoded: str) -> bytes:
@@ -38,7 +66,7 @@ class Term(_Strict):
 
     text: str | None = Field(None, max_length=MAX_TEXT)
     image: str | None = None
-    item: int | None = None
+    item: ItemId | None = None
     weight: float = Field(1.0, ge=-100, le=100)
 
     @model_validator(mode="after")
@@ -51,8 +79,8 @@ class Term(_Strict):
 
 class FilterFields(_Strict):
     modality: Literal["image", "text"] = "image"
-    k: int = Field(10, ge=1, description="How many hits; more than the server's cap is capped.")
-    offset: int = Field(0, ge=0, le=100_000)
+    k: whole(1) = Field(10, description="How many hits; more than the server's cap is capped.")
+    offset: whole(0, 100_000) = 0
     path: str | None = Field(None, max_length=4096, description="A folder prefix or a glob on picture paths.")
     collection: str | None = None
     date_from: str | None = Field(None, description="YYYY-MM-DD, inclusive.")
@@ -67,7 +95,7 @@ class SearchParams(FilterFields):
     """A query in a URL: a text or a stored item."""
 
     text: str | None = Field(None, max_length=MAX_TEXT)
-    item: int | None = None
+    item: ItemId | None = None
 
 
 class SearchRequest(SearchParams):
@@ -87,7 +115,7 @@ class ImageRef(_Strict):
     """A picture: base64 bytes, or a stored item."""
 
     image: str | None = None
-    item: int | None = None
+    item: ItemId | None = Field(None, description="A stored picture's id (not a caption's).")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ImageRef:
@@ -99,14 +127,19 @@ class ImageRef(_Strict):
 class ClassifyRequest(_Strict):
     images: list[ImageRef] = Field(min_length=1, max_length=MAX_BATCH)
     labels: list[str] = Field(min_length=2, max_length=1000)
-    template: str = Field("a photo of a {}.", max_length=MAX_TEXT)
+    template: Annotated[str, AfterValidator(_label_template)] = Field(
+        "a photo of a {}.",
+        max_length=MAX_TEXT,
+        json_schema_extra={"pattern": LABEL_TEMPLATE},
+        description="The text a label becomes: each {} is replaced by the label; no other braces.",
+    )
 
 
 class ModerateItem(_Strict):
     """One upload to judge: a picture (base64 or stored item), its accompanying text, or both."""
 
     image: str | None = None
-    item: int | None = None
+    item: ItemId | None = Field(None, description="A stored picture's id (not a caption's).")
     text: str | None = Field(None, max_length=MAX_TEXT)
 
     @model_validator(mode="after")
@@ -121,3 +154,24 @@ class ModerateItem(_Strict):
 class ModerateRequest(_Strict):
     items: list[ModerateItem] = Field(min_length=1, max_length=MAX_BATCH)
     policy: dict[str, Any] | None = Field(None, description="A policy inline; default: the server's --policy")
+
+
+class ErrorMessage(BaseModel):
+    """Why a request was refused or failed."""
+
+    detail: str
+
+
+_MEANINGS = {
+    400: "The request cannot be answered as asked: its JSON, its query string, a picture or an item of the wrong kind.",
+    401: "The server has a token and the request does not carry it.",
+    404: "No such item.",
+    413: "The request body is larger than the server's --max-upload.",
+    503: "The model or the index cannot be used.",
+    504: "The request took longer than the server's --timeout.",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses, each answered as {"detail": "why"}."""
+    return {status: {"model": ErrorMessage, "description": _MEANINGS[status]} for status in statuses}
