@@ -48,24 +48,31 @@ PROMPT_CACHE = 64  # policies whose prompt embeddings an engine keeps (inline HT
 class SearchEngine:
     """Queries over one index, opened read-only; safe to share between threads."""
 
-    def __init__(self, store: Store, checkpoint: str | os.PathLike | None = None):
+    def __init__(self, store: Store, checkpoint: str | os.PathLike | None = None, offline: bool | None = None):
         self.store = store
         self._checkpoint = checkpoint
+        self._offline = offline
         self._encoder: Encoder | OnnxEncoder | None = None
         self._lock = threading.Lock()
         self._prompts = Recent(PROMPT_CACHE)  # its own lock, not self._lock: embedding takes that one
 
     @classmethod
-    def open(cls, index: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None) -> SearchEngine:
+    def open(
+        cls,
+        index: str | os.PathLike | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        offline: bool | None = None,
+    ) -> SearchEngine:
         """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved
-        (they must be the same weights)."""
+        (they must be the same weights). The model's weights, when missing from the cache, download
+        on first use unless `offline` (None: CLIPSEEK_OFFLINE or HF_HUB_OFFLINE say)."""
         store = Store.open(index_dir(index))
         try:
             store.check_checkpoint(checkpoint)
         except BaseException:
             store.close()
             raise
-        return cls(store, checkpoint)
+        return cls(store, checkpoint, offline)
 
     def close(self) -> None:
         self.store.close()
@@ -83,7 +90,7 @@ class SearchEngine:
             if self._encoder is None:
                 from indexer.models.backend import encoder_for
 
-                self._encoder = encoder_for(self.store, self._checkpoint)
+                self._encoder = encoder_for(self.store, self._checkpoint, self._offline)
             return self._encoder
 
     # -- queries ---------------------------------------------------------------------------

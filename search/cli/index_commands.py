@@ -16,10 +16,10 @@ import click
 from search.cli.options import index_option, json_option, model_options, options
 
 
-def _open_indexer(index, model, pretrained, checkpoint, download):
+def _open_indexer(index, model, pretrained, checkpoint):
     from indexer.pipeline import Indexer
 
-    return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint, download=download)
+    return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint)
 
 
 @contextmanager
@@ -78,7 +78,6 @@ def index(
     model,
     pretrained,
     checkpoint,
-    download,
     index_type,
     memory_budget,
     ray_address,
@@ -117,7 +116,7 @@ def index(
         bar.total = total
         bar.update(done - bar.n)
 
-    with _open_indexer(index, model, pretrained, checkpoint, download) as indexer, _stop_on_interrupt() as stop, bar:
+    with _open_indexer(index, model, pretrained, checkpoint) as indexer, _stop_on_interrupt() as stop, bar:
         indexer.store.index_setting(index_type, _budget(memory_budget))
         if lists:
             report = indexer.index_list(ListSource(lists, url_column, caption_column, collection), ray, progress)
@@ -202,9 +201,9 @@ def _progress_bars():
 @index_option
 @model_options
 @json_option
-def add_captions(file, collection, file_format, index, model, pretrained, checkpoint, download, as_json):
+def add_captions(file, collection, file_format, index, model, pretrained, checkpoint, as_json):
     """Embed a caption collection (CSV, TSV, JSONL or text, one caption a line) for image→text search."""
-    with _open_indexer(index, model, pretrained, checkpoint, download) as indexer:
+    with _open_indexer(index, model, pretrained, checkpoint) as indexer:
         report = indexer.add_captions(file, collection, file_format)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
