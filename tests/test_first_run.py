@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from indexer.demo_world import write_library
 from indexer.errors import ModelError
 from indexer.models import hub
 from indexer.models.choices import CHOICES
 from indexer.models.identity import demo_checkpoint, sha256_file
+from search.cli.main import cli
 from tests.hub_server import DEMO_REPO, serving_hub
 
 CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
@@ -181,3 +183,30 @@ def test_a_first_run_that_cannot_get_the_model_fails_before_importing_torch(tmp_
     if "offline" in expected:
         assert "clipseek models fetch ViT-B-32" in report["message"] and DEFAULT_FOLDER in report["message"]
         assert "--checkpoint FILE" in report["message"]
+
+
+def test_models_lists_the_choices_and_fetch_caches_one_for_offline_use(tmp_path):
+    runner = CliRunner()
+    env = _env(tmp_path)
+    listed = runner.invoke(cli, ["models", "--json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    rows = {(row["model"], row["pretrained"]): row for row in json.loads(listed.stdout)}
+    default = rows["ViT-B-32", "laion2b_s34b_b79k"]
+    assert default["role"] == "default" and default["imagenet_top1"] == 66.56 and default["dim"] == 512
+    assert default["cached"] is False and default["cache_folder"] == str(tmp_path / "hf" / DEFAULT_FOLDER)
+    assert {row["role"] for row in rows.values()} >= {"default", "multilingual", "quality"}
+    assert all(row["onnx"] in (True, False, None) and row["runtime"] for row in rows.values())
+
+    table = runner.invoke(cli, ["models"], env=env)
+    assert "ViT-B-32  " in table.output and "66.6%" in table.output and "clipseek models fetch" in table.output
+
+    with serving_hub() as server:
+        fetched = runner.invoke(cli, ["models", "fetch", HUB_MODEL, "--json"], env={**env, "HF_ENDPOINT": server.url})
+    assert fetched.exit_code == 0, fetched.output
+    document = json.loads(fetched.stdout)
+    assert document["folder"] == str(tmp_path / "hf" / "models--clipseek-test--demo")
+    assert sha256_file(document["weights"]) == sha256_file(demo_checkpoint())
+    assert hub.cached(hub.files_for(HUB_MODEL, None), tmp_path / "hf") is not None
+
+    offline = runner.invoke(cli, ["models", "fetch", "ViT-B-32"], env={**env, "CLIPSEEK_OFFLINE": "1"})
+    assert offline.exit_code == 1 and "clipseek is offline" in offline.output

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from indexer.models.encoder import Encoder
     from indexer.store import Store
 
-__all__ = ["BACKENDS", "chosen", "describe", "encoder_for", "encoder_of", "export_dir", "load"]
+__all__ = ["BACKENDS", "chosen", "describe", "encoder_for", "encoder_of", "export_dir", "exported", "load"]
 
 log = logging.getLogger("clipseek")
 
@@ -121,6 +121,18 @@ def describe(model_id: ModelId) -> str:
     if manifest.get("model") != model_id.to_dict():
         return f"ONNX Runtime, once the export at {folder} (of another model) is made again"
     return f"ONNX Runtime{', int8 weights' if backend == 'int8' else ''} ({folder})"
+
+
+def exported(model_id: ModelId) -> bool | None:
+    """Whether the model runs on the fast path: True where its export is ready, False where
+    exporting it was refused (with the torch and open_clip installed now), None where not tried."""
+    folder = export_dir(model_id)
+    if _refusal(folder) is not None:
+        return False
+    try:
+        return read_manifest(folder).get("model") == model_id.to_dict() or None
+    except ExportBrokenError:
+        return None
 
 
 def encoder_for(
