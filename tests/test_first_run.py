@@ -210,3 +210,14 @@ def test_models_lists_the_choices_and_fetch_caches_one_for_offline_use(tmp_path)
 
     offline = runner.invoke(cli, ["models", "fetch", "ViT-B-32"], env={**env, "CLIPSEEK_OFFLINE": "1"})
     assert offline.exit_code == 1 and "clipseek is offline" in offline.output
+
+
+@pytest.mark.slow
+def test_models_bench_compares_speed_with_the_default_at_random_weights(tmp_path, no_network):
+    result = CliRunner().invoke(cli, ["models", "--bench", "demo", "--json"], env=_env(tmp_path))
+    assert result.exit_code == 0, result.output
+    default, demo = json.loads(result.stdout)
+    assert default["model"] == "ViT-B-32" and default["images_vs_default"] == 1.0
+    # The demo model is a few layers of width 128: many times faster than ViT-B-32.
+    assert demo["model"] == "demo" and demo["images_vs_default"] > 2 and demo["texts_vs_default"] > 2
+    assert not (tmp_path / "hf").exists()  # nothing was downloaded

@@ -17,11 +17,20 @@ NOTE = (
 
 
 @click.group(invoke_without_command=True)
+@click.option(
+    "--bench",
+    metavar="MODEL",
+    multiple=True,
+    help="Measure how fast MODEL embeds here, relative to the default (random weights: nothing is downloaded).",
+)
 @json_option
 @click.pass_context
-def models(ctx: click.Context, as_json: bool) -> None:
+def models(ctx: click.Context, bench: tuple[str, ...], as_json: bool) -> None:
     """The models worth choosing for real photos: languages, size, accuracy, cached or not, ONNX path."""
     if ctx.invoked_subcommand is not None:
+        return
+    if bench:
+        _bench(bench, as_json)
         return
     rows = [_row(choice) for choice in _choices()]
     if as_json:
@@ -46,6 +55,35 @@ def models(ctx: click.Context, as_json: bool) -> None:
     for line in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     click.echo("\n" + NOTE)
+
+
+def _bench(names: tuple[str, ...], as_json: bool) -> None:
+    from indexer.models.identity import DEFAULT_MODEL
+    from indexer.models.speed import measure
+
+    speeds = [measure(name) for name in dict.fromkeys((DEFAULT_MODEL, *names))]
+    base = speeds[0]
+    rows = [
+        {
+            "model": speed.model,
+            "images_per_s": round(speed.images_per_s, 2),
+            "texts_per_s": round(speed.texts_per_s, 2),
+            "images_vs_default": round(speed.images_per_s / base.images_per_s, 3),
+            "texts_vs_default": round(speed.texts_per_s / base.texts_per_s, 3),
+        }
+        for speed in speeds
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(row["model"]) for row in rows)
+    click.echo(f"{'model':<{width}}  images/s  texts/s  vs {DEFAULT_MODEL} (images, texts)")
+    for row in rows:
+        click.echo(
+            f"{row['model']:<{width}}  {row['images_per_s']:>8.1f}  {row['texts_per_s']:>7.1f}  "
+            f"×{row['images_vs_default']:.2f}, ×{row['texts_vs_default']:.2f}"
+        )
+    click.echo("measured with torch at random initialisation, on this machine", err=True)
 
 
 def _choices():
