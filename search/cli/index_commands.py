@@ -110,18 +110,20 @@ def index(
     if lists and ray is None:
         raise click.UsageError("lists and WebDataset shards are read on Ray: add --ray")
 
-    bar = tqdm(unit="img", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
+    with _open_indexer(index, model, pretrained, checkpoint) as indexer, _stop_on_interrupt() as stop:
+        # Made once the model is there, so that its download's bar comes first and the rate is the run's.
+        bar = tqdm(unit="img", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
 
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    with _open_indexer(index, model, pretrained, checkpoint) as indexer, _stop_on_interrupt() as stop, bar:
-        indexer.store.index_setting(index_type, _budget(memory_budget))
-        if lists:
-            report = indexer.index_list(ListSource(lists, url_column, caption_column, collection), ray, progress)
-        else:
-            report = indexer.index(paths, progress=progress, stop=stop, ray=ray)
+        with bar:
+            indexer.store.index_setting(index_type, _budget(memory_budget))
+            if lists:
+                report = indexer.index_list(ListSource(lists, url_column, caption_column, collection), ray, progress)
+            else:
+                report = indexer.index(paths, progress=progress, stop=stop, ray=ray)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
