@@ -11,6 +11,7 @@ the files that disappeared leave the index only after the walk is complete (mark
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections import deque
@@ -23,7 +24,7 @@ import numpy as np
 
 from indexer.config import IndexSettings, ListSource, RaySettings, index_dir
 from indexer.errors import BadFileError, ClipseekError
-from indexer.models import backend
+from indexer.models import backend, hub
 from indexer.models.backend import encoder_for
 from indexer.models.identity import DEFAULT_MODEL
 from indexer.sources.captions import read_captions
@@ -99,22 +100,27 @@ class Indexer:
         model: str | None = None,
         pretrained: str | None = None,
         checkpoint: str | os.PathLike | None = None,
-        download: bool = False,
         settings: IndexSettings | None = None,
+        offline: bool | None = None,
     ) -> Indexer:
         """Open (or create) an index for writing, with its model.
 
-        A new index loads the model asked for (default ViT-B-32 / laion2b_s34b_b79k) and
-        remembers it. An existing index reloads its own model when it first needs it; asking
+        A new index loads the model asked for (default ViT-B-32 / laion2b_s34b_b79k), downloading
+        its weights once where they are missing unless `offline` (None: CLIPSEEK_OFFLINE or
+        HF_HUB_OFFLINE say), and remembers it; when that fails, the index folder this call made
+        is removed again. An existing index reloads its own model when it first needs it; asking
         for another model is a ModelMismatchError.
         """
-        store = Store.open(index_dir(index), write=True, create=True)
+        root = index_dir(index)
+        made = not root.exists()
+        store = Store.open(root, write=True, create=True)
         try:
             stored = store.model_id
             if stored is None:
+                hub.prepare(model, pretrained, checkpoint, offline=offline)  # fails fast, before torch
                 from indexer.models.encoder import load_encoder  # torch: only where a model is needed
 
-                encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, download=download)
+                encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, offline=offline)
                 store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
                 embedder = backend.load(encoder.model_id, lambda: encoder)  # the ONNX export is made now
                 return cls(store, lambda: embedder, settings)
@@ -124,9 +130,11 @@ class Indexer:
             store.check_checkpoint(checkpoint)
         except BaseException:
             store.close()
+            if made:  # nothing but this failed run is in it: no index without a model is left behind
+                shutil.rmtree(root, ignore_errors=True)
             raise
 
-        return cls(store, lambda: encoder_for(store, checkpoint, download), settings)
+        return cls(store, lambda: encoder_for(store, checkpoint, offline), settings)
 
     def close(self) -> None:
         self.store.close()

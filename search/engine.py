@@ -57,10 +57,18 @@ class SearchEngine:
     pictures from others); without it, Pillow's own limit for decompression bombs applies.
     """
 
-    def __init__(self, store: Store, checkpoint: str | os.PathLike | None = None, *, max_pixels: int | None = None):
+    def __init__(
+        self,
+        store: Store,
+        checkpoint: str | os.PathLike | None = None,
+        offline: bool | None = None,
+        *,
+        max_pixels: int | None = None,
+    ):
         self.store = store
         self.max_pixels = max_pixels
         self._checkpoint = checkpoint
+        self._offline = offline
         self._encoder: Encoder | OnnxEncoder | None = None
         self._lock = threading.Lock()
         self._prompts = Recent(PROMPT_CACHE)  # its own lock, not self._lock: embedding takes that one
@@ -70,18 +78,21 @@ class SearchEngine:
         cls,
         index: str | os.PathLike | None = None,
         checkpoint: str | os.PathLike | None = None,
+        offline: bool | None = None,
         *,
         max_pixels: int | None = None,
     ) -> SearchEngine:
         """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved
-        (they must be the same weights); `max_pixels`: the pixel budget of pictures given to it."""
+        (they must be the same weights). The model's weights, when missing from the cache, download
+        on first use unless `offline` (None: CLIPSEEK_OFFLINE or HF_HUB_OFFLINE say). `max_pixels`:
+        the pixel budget of pictures given to it."""
         store = Store.open(index_dir(index))
         try:
             store.check_checkpoint(checkpoint)
         except BaseException:
             store.close()
             raise
-        return cls(store, checkpoint, max_pixels=max_pixels)
+        return cls(store, checkpoint, offline, max_pixels=max_pixels)
 
     def close(self) -> None:
         self.store.close()
@@ -99,7 +110,7 @@ class SearchEngine:
             if self._encoder is None:
                 from indexer.models.backend import encoder_for
 
-                self._encoder = encoder_for(self.store, self._checkpoint)
+                self._encoder = encoder_for(self.store, self._checkpoint, self._offline)
             return self._encoder
 
     # -- queries ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import hashlib
 import random
+import time
 
 import numpy as np
 import open_clip
@@ -167,8 +168,16 @@ def test_unknown_pretrained_tag_lists_the_tags():
 
 
 def test_uncached_pretrained_tag_fails_at_once_offline(tmp_path, no_network):
-    with pytest.raises(ModelError, match=r"not in the local cache.*--checkpoint FILE"):
-        load_encoder("ViT-B-32", "laion2b_s34b_b79k", cache_dir=str(tmp_path))
+    with pytest.raises(ModelError, match=r"not on this machine, and clipseek is offline.*--checkpoint FILE"):
+        load_encoder("ViT-B-32", "laion2b_s34b_b79k", cache_dir=str(tmp_path), offline=True)
+
+
+def test_uncached_pretrained_tag_without_network_fails_at_once(tmp_path, no_network):
+    # A tag outside clipseek's list, found through open_clip's table: the same download code.
+    start = time.monotonic()
+    with pytest.raises(ModelError, match=r"RN50 / openai are not on this machine.*cannot be reached.*--checkpoint"):
+        load_encoder("RN50", "openai", cache_dir=str(tmp_path))
+    assert time.monotonic() - start < 5
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from indexer.config import cache_home
 from indexer.errors import ClipseekError, ClipseekWarning, ModelError, ModelMismatchError
+from indexer.models import hub
 from indexer.models.identity import DEMO_MODEL, ModelId
 from indexer.models.onnx_encoder import ExportBrokenError, OnnxEncoder, read_manifest
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from indexer.models.encoder import Encoder
     from indexer.store import Store
 
-__all__ = ["BACKENDS", "chosen", "describe", "encoder_for", "encoder_of", "export_dir", "load"]
+__all__ = ["BACKENDS", "chosen", "describe", "encoder_for", "encoder_of", "export_dir", "exported", "load"]
 
 log = logging.getLogger("clipseek")
 
@@ -122,8 +123,20 @@ def describe(model_id: ModelId) -> str:
     return f"ONNX Runtime{', int8 weights' if backend == 'int8' else ''} ({folder})"
 
 
+def exported(model_id: ModelId) -> bool | None:
+    """Whether the model runs on the fast path: True where its export is ready, False where
+    exporting it was refused (with the torch and open_clip installed now), None where not tried."""
+    folder = export_dir(model_id)
+    if _refusal(folder) is not None:
+        return False
+    try:
+        return read_manifest(folder).get("model") == model_id.to_dict() or None
+    except ExportBrokenError:
+        return None
+
+
 def encoder_for(
-    store: Store, checkpoint: str | os.PathLike | None = None, download: bool = False
+    store: Store, checkpoint: str | os.PathLike | None = None, offline: bool | None = None
 ) -> Encoder | OnnxEncoder:
     """The model an index was made with (see encoder_of), from the checkpoint path the index
     recorded unless `checkpoint` says where the file is now (Indexer.open and SearchEngine.open
@@ -131,29 +144,31 @@ def encoder_for(
     stored = store.model_id
     if stored is None:
         raise ClipseekError(f"the index at {store.root} has no model yet: index something into it first")
-    return encoder_of(stored, checkpoint or store.model_checkpoint, download)
+    return encoder_of(stored, checkpoint or store.model_checkpoint, offline)
 
 
 def encoder_of(
     model_id: ModelId,
     checkpoint: str | os.PathLike | None = None,
-    download: bool = False,
+    offline: bool | None = None,
 ) -> Encoder | OnnxEncoder:
     """An encoder for `model_id`: its ONNX export where there is one (`load`), else torch.
 
     Torch takes the weights from `checkpoint` when the model came from a file, else by
-    architecture and tag (the bundled demo model included), and checks that they are `model_id`'s.
+    architecture and tag (the bundled demo model included; downloaded once where missing, unless
+    `offline`), and checks that they are `model_id`'s.
     """
 
     def load_torch() -> Encoder:
-        from indexer.models.encoder import load_encoder  # torch: only where a model is needed
-
         if checkpoint is not None and not os.path.isfile(checkpoint):
             raise ModelError(
                 f"the weights of the index's model ({model_id}) were at {checkpoint}, which does not exist "
                 "any more: put the file back, or say where it is now (--checkpoint)"
             )
-        encoder = load_encoder(model_id.architecture, model_id.pretrained, checkpoint, download=download)
+        hub.prepare(model_id.architecture, model_id.pretrained, checkpoint, offline=offline)  # before torch
+        from indexer.models.encoder import load_encoder  # torch: only where a model is needed
+
+        encoder = load_encoder(model_id.architecture, model_id.pretrained, checkpoint, offline=offline)
         if encoder.model_id == model_id:
             return encoder
         if model_id.architecture == DEMO_MODEL and checkpoint is None:  # new bundled weights since

@@ -5,9 +5,9 @@
     encoder = load_encoder("ViT-B-32", checkpoint="vit-b-32.safetensors")
     vectors = encoder.embed_texts(["a cat sunbathing"])  # (1, 512) float32, L2-normalised
 
-Weights never come from the network unless `download=True`: a pretrained tag is looked up in
-the local caches first, and a miss fails at once with what to do, instead of open_clip's minute
-of retries on a machine that cannot reach the hub.
+A pretrained tag is looked up in the local caches first and downloaded once where it is missing
+(hub.py); offline, a miss fails at once with what to do. `hf-hub:org/name` names a model by the
+hub repository holding its open_clip config and weights.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from PIL import Image
 
 from indexer.errors import CheckpointError, ModelError
+from indexer.models import hub
 from indexer.models.identity import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -40,7 +41,7 @@ from indexer.models.identity import (
 )
 from indexer.models.pixels import embed_in_batches
 
-__all__ = ["Encoder", "load_encoder"]
+__all__ = ["Encoder", "fetch_weights", "load_encoder"]
 
 
 def _check_architecture(name: str) -> None:
@@ -52,50 +53,34 @@ def _check_architecture(name: str) -> None:
     raise ModelError(f"unknown model architecture '{name}'.{hint}")
 
 
-def _cached_weights(architecture: str, tag: str, cache_dir: str | None) -> Path | None:
-    """Where open_clip would have stored the weights of `tag`, if they are on this machine."""
+def _pretrained_file(architecture: str, tag: str, cache_dir: str | None, offline: bool | None) -> Path:
+    """The local weights file of a pretrained tag: from the cache, else downloaded unless offline."""
     config = open_clip.get_pretrained_cfg(architecture, tag)
-    if config.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(config["hf_hub"])
-        if filename:
-            candidates = [filename.rsplit(".", 1)[0] + ".safetensors", filename]
-        else:
-            candidates = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        for candidate in candidates:
-            found = try_to_load_from_cache(repo, candidate, cache_dir=cache_dir)
-            if isinstance(found, str):
-                return Path(found)
-        return None
-    if config.get("url"):
-        local = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(config["url"])
-        return local if local.is_file() else None
-    return None
-
-
-def _pretrained_file(architecture: str, tag: str, cache_dir: str | None, download: bool) -> Path:
-    """The local weights file of a pretrained tag, downloading it only when asked to."""
-    if not open_clip.get_pretrained_cfg(architecture, tag):
+    if not config:
         tags = open_clip.list_pretrained_tags_by_model(architecture)
         listed = ", ".join(tags) if tags else "none; pass --checkpoint FILE"
         raise ModelError(f"'{tag}' is not a pretrained tag of {architecture}. Its tags: {listed}")
-    found = _cached_weights(architecture, tag, cache_dir)
-    if found is not None:
-        return found
-    if download:
-        try:
-            return Path(
-                open_clip.download_pretrained(open_clip.get_pretrained_cfg(architecture, tag), cache_dir=cache_dir)
-            )
-        except Exception as error:  # any network or hub failure
-            raise ModelError(f"could not download {architecture} / {tag}: {error}") from error
-    raise ModelError(
-        f"the weights of {architecture} / {tag} are not in the local cache, and clipseek downloads "
-        "only when asked. On a machine with internet access, fetch them once "
-        "(load_encoder(..., download=True)) and copy the cache (~/.cache/huggingface/hub) here, "
-        "or pass --checkpoint FILE with a local .safetensors file."
-    )
+    if config.get("hf_hub"):
+        return hub.weights_file(hub.HubFiles.of_tag(architecture, tag, config["hf_hub"]), cache_dir, offline)
+    # A few tags are plain URLs, which open_clip keeps in ~/.cache/clip.
+    local = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(config["url"])
+    if local.is_file():
+        return local
+    if hub.is_offline(offline):
+        raise ModelError(
+            f"the weights of {architecture} / {tag} are not on this machine ({local}), and clipseek is offline: "
+            "copy that file here from a machine with internet access, or pass --checkpoint FILE"
+        )
+    try:
+        return Path(open_clip.download_pretrained_from_url(config["url"], cache_dir=cache_dir))
+    except Exception as error:  # any network failure
+        raise ModelError(f"could not download {architecture} / {tag}: {error}") from error
+
+
+def fetch_weights(architecture: str, tag: str, cache_dir: str | None = None, offline: bool | None = None) -> Path:
+    """The local weights file of any open_clip tag, downloaded once where missing (`clipseek models fetch`)."""
+    _check_architecture(architecture)
+    return _pretrained_file(architecture, tag, cache_dir, offline)
 
 
 def _read_checkpoint(path: Path) -> None:
@@ -134,21 +119,28 @@ def load_encoder(
     *,
     device: str | None = None,
     cache_dir: str | None = None,
-    download: bool = False,
+    offline: bool | None = None,
 ) -> Encoder:
     """Build an open_clip model with its weights and return an Encoder for it.
 
-    Weights come from `checkpoint` (a local file), else from `pretrained` (an open_clip tag,
-    looked up in the local cache; `"random"` initialises randomly on purpose), else from the
-    model's default: the bundled weights for `demo`, laion2b_s34b_b79k for ViT-B-32.
-    Raises ModelError (or CheckpointError) with a message that says what to do.
+    Weights come from `checkpoint` (a local file), else from `pretrained` (an open_clip tag:
+    from the local cache, downloaded once where missing; `"random"` initialises randomly on
+    purpose), else from the model's default: the bundled weights for `demo`, laion2b_s34b_b79k for
+    ViT-B-32. `model` may be `hf-hub:org/name`, a hub repository holding an open_clip config and
+    its weights. `offline=True` (or CLIPSEEK_OFFLINE / HF_HUB_OFFLINE where it is None) never
+    touches the network. Raises ModelError (or CheckpointError) with a message that says what to do.
     """
+    from_hub = model.startswith(hub.HF_HUB_PREFIX)
     if model == DEMO_MODEL:
         open_clip.add_model_config(demo_config())
         if checkpoint is None and pretrained is None:
             checkpoint = demo_checkpoint()
-    _check_architecture(model)
-    if checkpoint is None and pretrained is None:
+    if from_hub:
+        if checkpoint is not None or pretrained is not None:
+            raise ModelError(f"{model} takes its weights from its hub repository: drop --pretrained and --checkpoint")
+    else:
+        _check_architecture(model)
+    if checkpoint is None and pretrained is None and not from_hub:
         if model != DEFAULT_MODEL:
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
             raise ModelError(f"say which weights {model} should use: --pretrained TAG ({tags}) or --checkpoint FILE")
@@ -156,7 +148,11 @@ def load_encoder(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     options: dict = {"device": device, "precision": "fp32", "weights_only": True}
-    if checkpoint is not None:
+    name = model  # what open_clip builds: a folder with config and weights for a hub model
+    if from_hub:
+        weights = hub.weights_file(hub.files_for(model, None), cache_dir, offline)
+        name, sha256 = f"local-dir:{weights.parent}", sha256_file(weights)
+    elif checkpoint is not None:
         weights = Path(checkpoint)
         if not weights.is_file():
             raise CheckpointError(f"checkpoint {weights} does not exist")
@@ -164,7 +160,7 @@ def load_encoder(
     elif pretrained == RANDOM_WEIGHTS:
         weights, sha256 = None, None
     else:
-        weights, sha256 = _pretrained_file(model, pretrained, cache_dir, download), None
+        weights, sha256 = _pretrained_file(model, pretrained, cache_dir, offline), None
         tag_config = open_clip.get_pretrained_cfg(model, pretrained)
         # Loading the tag's file by path skips open_clip's per-tag settings; apply them here.
         options["force_quick_gelu"] = bool(tag_config.get("quick_gelu", False))
@@ -180,19 +176,21 @@ def load_encoder(
             clip, _, preprocess = open_clip.create_model_and_transforms(model, **options)
     else:
         _read_checkpoint(weights)  # read twice (the second from the page cache) for clear errors
+        if not from_hub:  # a hub model's folder names its weights itself
+            options["pretrained"] = str(weights)
         try:
-            clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(weights), **options)
+            clip, _, preprocess = open_clip.create_model_and_transforms(name, **options)
         except Exception as error:  # open_clip's key conversions and resizing fail in many ways
             raise _does_not_fit(weights, model, error) from error
     try:
-        tokenizer = open_clip.get_tokenizer(model)
+        tokenizer = open_clip.get_tokenizer(name)
     except Exception as error:  # e.g. a Hugging Face tokenizer that is not available offline
         raise ModelError(f"cannot load the tokenizer of {model}: {error}") from error
     size = clip.visual.preprocess_cfg["size"]
     size = size if isinstance(size, int) else tuple(size)
     if isinstance(size, tuple) and size[0] == size[1]:
         size = size[0]
-    identity = ModelId(model, pretrained, sha256, open_clip.get_model_config(model)["embed_dim"], size)
+    identity = ModelId(model, pretrained, sha256, open_clip.get_model_config(name)["embed_dim"], size)
     return Encoder(clip, tokenizer, preprocess, identity, device)
 
 

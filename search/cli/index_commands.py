@@ -16,10 +16,10 @@ import click
 from search.cli.options import index_option, json_option, model_options, options
 
 
-def _open_indexer(index, model, pretrained, checkpoint, download):
+def _open_indexer(index, model, pretrained, checkpoint):
     from indexer.pipeline import Indexer
 
-    return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint, download=download)
+    return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint)
 
 
 @contextmanager
@@ -83,7 +83,6 @@ def index(
     model,
     pretrained,
     checkpoint,
-    download,
     index_type,
     memory_budget,
     latency_budget,
@@ -117,18 +116,20 @@ def index(
     if lists and ray is None:
         raise click.UsageError("lists and WebDataset shards are read on Ray: add --ray")
 
-    bar = tqdm(unit="img", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
+    with _open_indexer(index, model, pretrained, checkpoint) as indexer, _stop_on_interrupt() as stop:
+        # Made once the model is there, so that its download's bar comes first and the rate is the run's.
+        bar = tqdm(unit="img", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
 
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    with _open_indexer(index, model, pretrained, checkpoint, download) as indexer, _stop_on_interrupt() as stop, bar:
-        indexer.store.index_setting(index_type, _budget(memory_budget), _latency(latency_budget))
-        if lists:
-            report = indexer.index_list(ListSource(lists, url_column, caption_column, collection), ray, progress)
-        else:
-            report = indexer.index(paths, progress=progress, stop=stop, ray=ray)
+        with bar:
+            indexer.store.index_setting(index_type, _budget(memory_budget), _latency(latency_budget))
+            if lists:
+                report = indexer.index_list(ListSource(lists, url_column, caption_column, collection), ray, progress)
+            else:
+                report = indexer.index(paths, progress=progress, stop=stop, ray=ray)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
@@ -217,9 +218,9 @@ def _progress_bars():
 @index_option
 @model_options
 @json_option
-def add_captions(file, collection, file_format, index, model, pretrained, checkpoint, download, as_json):
+def add_captions(file, collection, file_format, index, model, pretrained, checkpoint, as_json):
     """Embed a caption collection (CSV, TSV, JSONL or text, one caption a line) for image→text search."""
-    with _open_indexer(index, model, pretrained, checkpoint, download) as indexer:
+    with _open_indexer(index, model, pretrained, checkpoint) as indexer:
         report = indexer.add_captions(file, collection, file_format)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))

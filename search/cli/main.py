@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from indexer.errors import ClipseekError, ClipseekWarning
-from search.cli import index_commands, query_commands, serve_command
+from search.cli import index_commands, models_command, query_commands, serve_command
 
 
 class _Group(click.Group):
@@ -92,6 +92,7 @@ for command in (
     query_commands.moderate,
     query_commands.evaluate,
     serve_command.serve,
+    models_command.models,
 ):
     cli.add_command(command)
 

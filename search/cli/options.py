@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import click
 
 from indexer.config import PIXEL_BUDGET
+
+
+def _stay_offline(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    # Set for the whole process, so that every model load of the command (the HTTP server's, a
+    # Ray worker's) stays offline too, as CLIPSEEK_OFFLINE=1 would.
+    if value:
+        os.environ["CLIPSEEK_OFFLINE"] = "1"
+
+
+offline_option = click.option(
+    "--offline",
+    is_flag=True,
+    expose_value=False,
+    callback=_stay_offline,
+    help="Never use the network: a model missing from the cache is an error (also CLIPSEEK_OFFLINE=1).",
+)
 
 index_option = click.option(
     "--index",
@@ -16,7 +33,7 @@ index_option = click.option(
 )
 # For the commands that read an index: its model's weights when they are no longer where the
 # index was made (another machine, a moved file); they must be the same weights (sha256).
-weights_option = click.option(
+_checkpoint_option = click.option(
     "--checkpoint", type=click.Path(dir_okay=False), help="The index model's weights, if they moved."
 )
 
@@ -61,11 +78,14 @@ def options(*decorators):
     return decorate
 
 
+weights_option = options(_checkpoint_option, offline_option)
 model_options = options(
     click.option("--model", help="open_clip architecture for a new index [default: ViT-B-32; 'demo']."),
     click.option("--pretrained", metavar="TAG", help="Pretrained tag [ViT-B-32: laion2b_s34b_b79k]."),
     click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local weights (.safetensors)."),
-    click.option("--download", is_flag=True, help="Let open_clip download weights missing from the cache."),
+    offline_option,
+    # Missing weights download without being asked; the flag stays accepted for older scripts.
+    click.option("--download", is_flag=True, hidden=True, expose_value=False),
 )
 output_options = options(
     json_option,

@@ -230,7 +230,7 @@ def moderate(pictures, text, policy_file, max_pixels, as_json, index, checkpoint
 @model_options
 @json_option
 @index_option
-def evaluate(captions, images, split, model, pretrained, checkpoint, download, as_json, index):
+def evaluate(captions, images, split, model, pretrained, checkpoint, as_json, index):
     """Recall@1/5/10 of a model on an image–caption set, both directions.
 
     CAPTIONS is Karpathy-style JSON (Flickr30k, COCO) or JSONL pairs ({"image", "caption"}).
@@ -240,9 +240,12 @@ def evaluate(captions, images, split, model, pretrained, checkpoint, download, a
 
     pairs = read_eval_set(captions, images, split)
     if model or pretrained or checkpoint:
+        from indexer.models import hub
+
+        hub.prepare(model, pretrained, checkpoint)  # fails fast, before torch
         from indexer.models.encoder import load_encoder
 
-        encoder = load_encoder(model or "ViT-B-32", pretrained, checkpoint, download=download)
+        encoder = load_encoder(model or "ViT-B-32", pretrained, checkpoint)
     else:
         from search.engine import SearchEngine
 
