@@ -1,4 +1,5 @@
 import hashlib
+import importlib.util
 import random
 import time
 
@@ -198,3 +199,9 @@ def test_cached_pretrained_tag_loads_from_the_cache_with_its_preprocessing(tmp_p
     # The tag's own preprocessing (MobileCLIP: no mean/std normalisation) is applied.
     pixels = encoder.preprocess(pictures(1)[0])
     assert pixels.shape == (3, 256, 256) and pixels.min() >= 0.0 and pixels.max() <= 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed")
+def test_a_model_with_a_hugging_face_text_tower_says_what_to_install():
+    with pytest.raises(ModelError, match=r"needs the transformers package: pip install 'clipseek\[hf\]'"):
+        load_encoder("xlm-roberta-base-ViT-B-32", "random")

@@ -171,7 +171,7 @@ def load_encoder(
     if weights is None:
         # Seeded so that a random model is the same in every process (benchmarks compare runs);
         # open_clip's warning about random weights is noise here: they were asked for.
-        with torch.random.fork_rng(devices=[]), _quiet_logging():
+        with torch.random.fork_rng(devices=[]), _quiet_logging(), _needs_transformers(model):
             torch.manual_seed(0)
             clip, _, preprocess = open_clip.create_model_and_transforms(model, **options)
     else:
@@ -179,11 +179,17 @@ def load_encoder(
         if not from_hub:  # a hub model's folder names its weights itself
             options["pretrained"] = str(weights)
         try:
-            clip, _, preprocess = open_clip.create_model_and_transforms(name, **options)
+            with _needs_transformers(model):
+                clip, _, preprocess = open_clip.create_model_and_transforms(name, **options)
+        except ModelError:
+            raise
         except Exception as error:  # open_clip's key conversions and resizing fail in many ways
             raise _does_not_fit(weights, model, error) from error
     try:
-        tokenizer = open_clip.get_tokenizer(name)
+        with _needs_transformers(model):
+            tokenizer = open_clip.get_tokenizer(name)
+    except ModelError:
+        raise
     except Exception as error:  # e.g. a Hugging Face tokenizer that is not available offline
         raise ModelError(f"cannot load the tokenizer of {model}: {error}") from error
     size = clip.visual.preprocess_cfg["size"]
@@ -192,6 +198,21 @@ def load_encoder(
         size = size[0]
     identity = ModelId(model, pretrained, sha256, open_clip.get_model_config(name)["embed_dim"], size)
     return Encoder(clip, tokenizer, preprocess, identity, device)
+
+
+@contextlib.contextmanager
+def _needs_transformers(model: str):
+    """open_clip builds Hugging Face text towers and tokenizers (multilingual models, SigLIP) with
+    the transformers package, and says so in a RuntimeError or an ImportError: say what to install."""
+    try:
+        yield
+    except (ImportError, RuntimeError) as error:
+        if "transformers" not in str(error):
+            raise
+        raise ModelError(
+            f"{model} reads text with a Hugging Face text tower or tokenizer, which needs the transformers "
+            "package: pip install 'clipseek[hf]'"
+        ) from error
 
 
 @contextlib.contextmanager

@@ -17,6 +17,11 @@ from search.cli.options import index_option, json_option, model_options, options
 
 
 def _open_indexer(index, model, pretrained, checkpoint):
+    from indexer.config import index_dir
+    from indexer.models import hub
+
+    if not index_dir(index).exists():  # a new index: its model is checked before the catalog's imports
+        hub.prepare(model, pretrained, checkpoint)
     from indexer.pipeline import Indexer
 
     return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint)

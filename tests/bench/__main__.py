@@ -17,6 +17,7 @@ from tests.bench import (
     ann_bench,
     encoder_bench,
     indexer_bench,
+    models_bench,
     moderation_bench,
     query_bench,
     ray_bench,
@@ -33,6 +34,7 @@ SECTIONS = {
     "ray": ray_bench.run,
     "server": server_bench.run,
     "moderation": moderation_bench.run,
+    "models": models_bench.run,
 }
 
 
