@@ -7,7 +7,7 @@ DEV := $(VENV)/.clipseek-dev-installed
 DEMO_DIR ?= .demo
 DEMO_QUERY ?= a large red circle
 
-.PHONY: demo test lint bench bench-10m install clean
+.PHONY: demo test lint bench bench-10m install install-check clean
 
 install: $(BASE)
 
@@ -51,5 +51,17 @@ bench: $(DEV)
 bench-10m: $(DEV)
 	$(BIN)/python -m tests.bench.ann_10m --out bench-10m-report.json $(if $(BENCH_DIR),--dir $(BENCH_DIR))
 
+# A new user's install: clipseek alone (no extras) in a fresh venv from this checkout. The demo
+# model indexes and searches, and `serve` says which extra it needs.
+install-check:
+	rm -rf .install-check && $(PYTHON) -m venv .install-check/venv
+	.install-check/venv/bin/python -m pip install --quiet .
+	cd .install-check && export CLIPSEEK_HOME=$$PWD/home && \
+	  venv/bin/clipseek demo library --count 20 && \
+	  venv/bin/clipseek index library --model demo && \
+	  venv/bin/clipseek search "a red circle" -k 1 && \
+	  ! venv/bin/clipseek serve 2> serve.err && grep "pip install 'clipseek\[server\]'" serve.err
+	rm -rf .install-check
+
 clean:
-	rm -rf $(DEMO_DIR) bench-report.json bench-report.md bench-10m-report.json .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) .install-check bench-report.json bench-report.md bench-10m-report.json .pytest_cache .ruff_cache
