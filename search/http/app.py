@@ -14,13 +14,13 @@ OpenAPI description hold no data and stay open.
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from indexer.errors import (
@@ -40,6 +40,7 @@ from search.http.schemas import (
     MAX_INTEGER,
     MAX_TEXT,
     ClassifyRequest,
+    FilterFields,
     ModerateRequest,
     SearchParams,
     SearchRequest,
@@ -51,6 +52,9 @@ from search.http.thumbnails import SIZES, Thumbnails
 from search.http.uploads import BodyGuard
 
 WEB = Path(__file__).with_name("web")
+# States the scheme in the OpenAPI description and reads nothing: StrictRoute checks the token
+# before anything else of a request is read.
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="the token given to `clipseek serve --token`")
 
 
 def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> FastAPI:
@@ -67,9 +71,7 @@ def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> 
     app.state.thumbnails = Thumbnails()
     _error_handlers(app)
 
-    api = APIRouter(
-        dependencies=[Depends(_authorised)], route_class=StrictRoute, responses=errors(400, 401, 413, 503, 504)
-    )
+    api = APIRouter(dependencies=[Security(BEARER)], route_class=StrictRoute, responses=errors(400, 401, 413, 503, 504))
     _search_routes(api)
     _item_routes(api)
     _judging_routes(api)
@@ -101,18 +103,6 @@ def _version() -> str:
     from importlib.metadata import version
 
     return version("clipseek")
-
-
-def _authorised(request: Request) -> None:
-    token = request.app.state.settings.token
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest takes as long whatever the first differing byte, so timing tells nothing.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise HTTPException(
-            401, "a valid 'Authorization: Bearer TOKEN' header is needed", headers={"WWW-Authenticate": "Bearer"}
-        )
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -162,15 +152,12 @@ def _search_routes(api: APIRouter) -> None:
     @api.post("/search", tags=["search"], responses=errors(404))
     async def search(request: Request, body: SearchRequest) -> dict[str, Any]:
         """Nearest items to a text, a picture (base64), a stored item, or a weighted mix of them (`terms`)."""
-        terms = body.all_terms()
-        if not terms:
-            raise HTTPException(422, "give a text, an image, an item or terms")
-        return await _answer(request, _query(terms), body)
+        return await _answer(request, _query(body.all_terms()), body)
 
     @api.get("/search", tags=["search"], responses=errors(404))
     async def search_get(request: Request, params: Annotated[SearchParams, Query()]) -> dict[str, Any]:
         """POST /search for a text or an item, in the URL: `/search?text=a+red+circle&k=5`."""
-        return await search(request, SearchRequest(**params.model_dump()))
+        return await _answer(request, _query(params.all_terms()), params)
 
     @api.post("/search/image", tags=["search"])
     async def search_upload(
@@ -185,7 +172,7 @@ def _search_routes(api: APIRouter) -> None:
         query = EngineQuery.image(await image.read())
         if text:
             query += EngineQuery.text(text)
-        return await _answer(request, query, SearchRequest(modality=modality, k=k, offset=offset))
+        return await _answer(request, query, FilterFields(modality=modality, k=k, offset=offset))
 
 
 # -- items -------------------------------------------------------------------------------------
@@ -258,7 +245,9 @@ def _judging_routes(api: APIRouter) -> None:
         """Judge pictures and texts against the server's policy (or one sent inline): block, review or allow."""
         from search.moderation import Policy
 
-        policy = Policy.from_dict(body.policy) if body.policy is not None else request.app.state.settings.policy
+        policy = request.app.state.settings.policy
+        if body.policy is not None:
+            policy = Policy.from_dict(body.policy.as_data())
         if policy is None:
             raise HTTPException(400, "no policy: start the server with --policy FILE or send one in the request")
         items = [(_picture(item), item.text) for item in body.items]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,19 @@ async def run(request: Request, function, *args, **kwargs):
         return await asyncio.wait_for(run_in_threadpool(function, *args, **kwargs), timeout)
     except TimeoutError:
         raise HTTPException(504, f"the request took longer than {timeout:g} s") from None
+
+
+def authorise(request: Request) -> None:
+    """401 unless the server has no token or the request carries it as `Authorization: Bearer TOKEN`."""
+    token = request.app.state.settings.token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest takes as long whatever the first differing byte, so timing tells nothing.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(
+            401, "a valid 'Authorization: Bearer TOKEN' header is needed", headers={"WWW-Authenticate": "Bearer"}
+        )
 
 
 def engine_of(request: Request) -> SearchEngine:
