@@ -35,7 +35,7 @@ from indexer.errors import (
 from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
 from search.http import knn_service
-from search.http.context import ServerSettings, engine_of, run
+from search.http.context import ServerSettings, Workers, engine_of, run
 from search.http.schemas import (
     MAX_INTEGER,
     MAX_TEXT,
@@ -69,6 +69,7 @@ def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> 
     app.state.engine = engine
     app.state.settings = settings
     app.state.thumbnails = Thumbnails()
+    app.state.workers = Workers(settings.workers, settings.queue)
     _error_handlers(app)
 
     api = APIRouter(dependencies=[Security(BEARER)], route_class=StrictRoute, responses=errors(400, 401, 413, 503, 504))

@@ -241,7 +241,7 @@ _MEANINGS = {
     401: "The server has a token and the request does not carry it.",
     404: "No such item.",
     413: "The request body is larger than the server's --max-upload.",
-    503: "The model or the index cannot be used.",
+    503: "The model or the index cannot be used, or every worker is busy and the queue is full (see Retry-After).",
     504: "The request took longer than the server's --timeout.",
 }
 

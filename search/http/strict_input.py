@@ -5,7 +5,8 @@ lone surrogates ("\\ud800", which no UTF-8 text can carry and which fail later, 
 model's tokenizer or SQLite), and nests as deep as the interpreter's stack goes. Starlette decodes
 query strings leniently, turning bytes that are not UTF-8 into U+FFFD. Here each of these is a 400
 that names the problem. Every API route reads its request through StrictRoute, which checks the
-token first: a client without it gets a 401 before its body is read or parsed.
+token first (a client without it gets a 401 before its body is read or parsed), then takes a
+place among the server's workers and their queue (a 503 when there is none).
 """
 
 from __future__ import annotations
@@ -64,15 +65,16 @@ class StrictRequest(Request):
 
 
 class StrictRoute(APIRoute):
-    """A route that checks the token, then its query string, and reads its JSON body with parse_json."""
+    """A route that checks the token, waits for a worker, checks its query string and reads JSON with parse_json."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
 
         async def strict_handler(request: Request):
             authorise(request)
-            check_query_string(request.scope["query_string"])
-            return await handler(StrictRequest(request.scope, request.receive))
+            async with request.app.state.workers.admission():
+                check_query_string(request.scope["query_string"])
+                return await handler(StrictRequest(request.scope, request.receive))
 
         return strict_handler
 
