@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.http_server import demo_index, serving
 
 TOKEN = "fuzz-token"
-EXAMPLES = 60  # per operation and mode
+EXAMPLES = 100  # per operation and mode
 OPEN = {"/health"}  # the only described route that needs no token
 CHECKS = [
     not_a_server_error,

@@ -44,5 +44,7 @@ def test_a_flood_beyond_the_queue_is_503_with_retry_after_and_the_server_lives_o
             assert int(refused.headers["Retry-After"]) >= 1
             assert "every worker is busy" in refused.json()["detail"]
         assert httpx.get(f"{url}/health").status_code == 200
+        described = httpx.get(f"{url}/openapi.json").json()["paths"]["/classify"]["post"]["responses"]["503"]
+        assert "Retry-After" in described["headers"]
         assert httpx.get(f"{url}/search", params={"text": "a red circle", "k": 1}).status_code == 200
     assert "Traceback" not in log.read_text()

@@ -246,6 +246,17 @@ _MEANINGS = {
 }
 
 
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer: the scheme to use.", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "Seconds to wait, when the queue was full.", "schema": {"type": "integer"}}},
+}
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for error statuses, each answered as {"detail": "why"}."""
-    return {status: {"model": ErrorMessage, "description": _MEANINGS[status]} for status in statuses}
+    """OpenAPI `responses` for error statuses, each answered as {"detail": "why"}, with the headers some carry."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorMessage, "description": _MEANINGS[status]}
+        if status in _HEADERS:
+            responses[status]["headers"] = _HEADERS[status]
+    return responses
