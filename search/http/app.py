@@ -4,11 +4,12 @@ One warm engine serves every request (it follows the indexer's commits by itself
 read strictly (strict_input: 400 for JSON or query strings that are not Unicode, NaN, or nested
 too deep) and validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad
 query), 404 (no such item) or 503 (model or index unavailable); work longer than the timeout is a
-504; a body larger than the limit is a 413 (uploads.BodyGuard), and so is a picture whose header
-declares more pixels than the engine's budget (`clipseek serve --max-pixels`), refused before it
-is decoded. URLs in answers are relative or under --public-url, never taken from the Host header.
-With a token, every route that
-returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
+504; a request that finds every worker busy and the queue full is a 503 with Retry-After
+(context.Workers); a body larger than the limit is a 413 (uploads.BodyGuard), and so is a picture
+whose header declares more pixels than the engine's budget (`clipseek serve --max-pixels`),
+refused before it is decoded. URLs in answers are relative or under --public-url, never taken
+from the Host header. With a token, every route that returns data needs `Authorization: Bearer
+TOKEN`, checked before the request's body is read; /health, the search page's own files and the
 OpenAPI description hold no data and stay open.
 """
 
