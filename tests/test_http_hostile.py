@@ -343,3 +343,22 @@ def test_openapi_states_which_parts_of_a_query_go_together(client):
     }
     assert models["ModerateItem"]["not"]["allOf"][0]["required"] == ["image"]
     assert models["InlinePolicy"]["properties"]["concepts"]["anyOf"][0]["maxProperties"] == 64
+
+
+def test_a_null_in_an_inline_policy_counts_as_left_out(client, ids):
+    # The description allows null for weights; the policy reader took it for a value and refused it.
+    picture, _ = ids
+    concept = {"prompts": ["a red circle"], "threshold": 0.5, "review": None, "weights": None}
+    policy = {"weights": None, "concepts": {"red": concept}, "blocklists": None}
+    response = client.post("/moderate", json={"items": [{"item": picture}], "policy": policy})
+    assert response.status_code == 200 and response.json()["results"][0]["concepts"][0]["concept"] == "red"
+
+
+def test_an_empty_label_is_422_and_knn_service_describes_its_query(client, ids):
+    picture, _ = ids
+    response = client.post("/classify", json={"images": [{"item": picture}], "labels": ["", ""]})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "labels", 0]
+    schema = client.get("/openapi.json").json()["paths"]["/knn-service"]["post"]["requestBody"]
+    branches = schema["content"]["application/json"]["schema"]["anyOf"]
+    assert [branch["required"] for branch in branches] == [["text"], ["image"], ["image_url"], ["embedding_input"]]
+    assert client.post("/knn-service", json={"text": "", "num_images": 1}).status_code == 400

@@ -66,12 +66,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _given(name: str, kind: str) -> dict[str, Any]:
+def given(name: str, kind: str, **rules: Any) -> dict[str, Any]:
     """The JSON schema of an object whose field `name` is given and not null (null counts as left out)."""
-    return {"required": [name], "properties": {name: {"type": kind}}}
+    return {"required": [name], "properties": {name: {"type": kind, **rules}}}
 
 
-_TEXT, _IMAGE, _ITEM = _given("text", "string"), _given("image", "string"), _given("item", "integer")
+_TEXT, _IMAGE, _ITEM = given("text", "string"), given("image", "string"), given("item", "integer")
 _TERMS = {"required": ["terms"], "properties": {"terms": {"type": "array", "minItems": 1}}}
 
 
@@ -155,7 +155,7 @@ class ImageRef(_Strict):
 
 class ClassifyRequest(_Strict):
     images: list[ImageRef] = Field(min_length=1, max_length=MAX_BATCH)
-    labels: list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(min_length=2, max_length=MAX_LABELS)
+    labels: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]] = Field(min_length=2, max_length=MAX_LABELS)
     template: Annotated[str, AfterValidator(_label_template)] = Field(
         "a photo of a {}.",
         max_length=MAX_TEXT,
@@ -221,8 +221,8 @@ class InlinePolicy(_Strict):
     blocklists: dict[Name, PolicyBlocklist] | None = Field(None, max_length=MAX_CONCEPTS)
 
     def as_data(self) -> dict[str, Any]:
-        """The policy as it was sent, for search.moderation.Policy.from_dict."""
-        return self.model_dump(exclude_unset=True)
+        """The policy as it was sent, for search.moderation.Policy.from_dict; a null counts as left out."""
+        return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
 class ModerateRequest(_Strict):
