@@ -362,3 +362,12 @@ def test_an_empty_label_is_422_and_knn_service_describes_its_query(client, ids):
     branches = schema["content"]["application/json"]["schema"]["anyOf"]
     assert [branch["required"] for branch in branches] == [["text"], ["image"], ["image_url"], ["embedding_input"]]
     assert client.post("/knn-service", json={"text": "", "num_images": 1}).status_code == 400
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "PUT", "DELETE"])
+def test_a_method_not_allowed_names_every_method_of_the_path(client, method):
+    # GET and POST /search are two routes; the 405 named only the first one's method.
+    response = client.request(method, "/search")
+    assert response.status_code == 405
+    assert {"GET", "POST"} <= set(response.headers["Allow"].split(", "))
+    assert client.request(method, "/classify").headers["Allow"] == "POST"

@@ -15,6 +15,7 @@ OpenAPI description hold no data and stay open.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -121,6 +122,21 @@ def _error_handlers(app: FastAPI) -> None:
     async def clipseek_error(request: Request, error: ClipseekError) -> JSONResponse:
         status = next((code for kind, code in statuses if isinstance(error, kind)), 400)
         return JSONResponse({"detail": str(error)}, status_code=status)
+
+    @app.exception_handler(405)
+    async def method_not_allowed(request: Request, error: Exception) -> JSONResponse:
+        # The router names only the methods of the first route on a path, and GET and POST /search
+        # are two routes: Allow gives the methods the OpenAPI description gives the path.
+        path = request.scope["path"]
+        described = {
+            method.upper()
+            for template, operations in app.openapi()["paths"].items()
+            if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path)
+            for method in operations
+        }
+        described |= {"HEAD"} if "GET" in described else set()  # as the router answers HEAD wherever GET
+        allowed = ", ".join(sorted(described)) or error.headers["Allow"]
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": allowed})
 
 
 # -- search ------------------------------------------------------------------------------------
