@@ -1,11 +1,14 @@
 """A flood of slow requests to `clipseek serve` with one worker and a short queue: those that find
-no place are answered 503 with Retry-After, the rest are answered, and the server lives on."""
+no place are answered 503 with Retry-After, the rest are answered, and the server lives on. And
+what work over its timeout still costs: a call still waiting is dropped, a running one finishes."""
 
+import asyncio
 import threading
 
 import httpx
 import pytest
 
+from search.http.context import Workers
 from tests.http_server import demo_index, serving
 
 CLIENTS = 12  # each sends one slow request, all at once
@@ -48,3 +51,25 @@ def test_a_flood_beyond_the_queue_is_503_with_retry_after_and_the_server_lives_o
         assert "Retry-After" in described["headers"]
         assert httpx.get(f"{url}/search", params={"text": "a red circle", "k": 1}).status_code == 200
     assert "Traceback" not in log.read_text()
+
+
+def test_work_that_times_out_waiting_never_runs_and_running_work_keeps_its_worker():
+    workers = Workers(1, queue=4)
+    release, ran = threading.Event(), []
+
+    def slow(name: str) -> str:
+        ran.append(name)
+        release.wait(10)
+        return name
+
+    async def flood() -> list:
+        calls = [workers.call(0.2, slow, name) for name in ("running", "waiting")]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(flood())
+    assert [type(outcome) for outcome in outcomes] == [TimeoutError, TimeoutError]
+    assert ran == ["running"]  # the first call keeps its thread; the second was dropped before it started
+    release.set()
+    assert asyncio.run(workers.call(5, slow, "next")) == "next"
+    assert ran == ["running", "next"]
+    workers.executor.shutdown()
