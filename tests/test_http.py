@@ -257,7 +257,10 @@ def test_classify_and_moderate(client, tmp_path):
     assert [verdict["decision"] for verdict in verdicts] == ["block", "block", "allow"]
     assert verdicts[0]["reasons"][0].startswith("red circles: ")
     bad = client.post("/moderate", json={"items": [{"text": "x"}], "policy": {"concepts": {"c": {"threshold": 1}}}})
-    assert bad.status_code == 400 and "prompts" in bad.json()["detail"]
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "policy", "concepts", "c", "prompts"]
+    policy["concepts"]["red circles"]["review"] = 0.9  # above the threshold: a rule between fields
+    bad = client.post("/moderate", json={"items": [{"text": "x"}], "policy": policy})
+    assert bad.status_code == 400 and "must be at most threshold" in bad.json()["detail"]
 
 
 # -- clip-retrieval compatibility ----------------------------------------------------------------

@@ -276,3 +276,98 @@ def test_openapi_states_the_limits_and_the_refusals(client):
     assert {"400", "422"} <= set(paths["/knn-service"]["post"]["responses"])
     refusal = paths["/search"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
     assert refusal == {"$ref": "#/components/schemas/ErrorMessage"}
+
+
+# -- found by the fuzzer (tests/test_http_fuzz.py) -------------------------------------------------
+
+
+def test_a_query_with_nothing_to_search_is_422_in_the_described_shape(client):
+    # The answer was {"detail": "give ..."}, where the description promises a list of problems.
+    for response, where in [
+        (client.get("/search", params={"k": 3}), "query"),
+        (client.post("/search", json={"k": 3}), "body"),
+        (client.post("/search", json={"text": None, "terms": []}), "body"),
+    ]:
+        assert response.status_code == 422
+        problem = response.json()["detail"][0]
+        assert problem["loc"] == [where] and "give a text" in problem["msg"]
+
+
+def test_without_the_token_a_request_is_401_before_its_body_or_query_is_read(library):
+    # The body was parsed first: a client without the token got 400 or 422, after the server had
+    # parsed as much JSON as it sent.
+    with serving(library / "index", "--token", "s3cret") as url, httpx.Client(base_url=url) as anonymous:
+        for body in [b"[" * 100_000, b'{"text": NaN}', b"{not json", b'{"text": ' + LONE_SURROGATE + b"}"]:
+            assert raw_json(anonymous, "/search", body).status_code == 401
+            assert raw_json(anonymous, "/knn-service", body).status_code == 401
+        assert anonymous.get("/search?text=%FF").status_code == 401
+        assert anonymous.get("/health").status_code == 200
+
+
+def test_inline_policies_labels_and_filters_are_bounded(client, ids):
+    picture, _ = ids
+    concept = {"prompts": ["a red circle"], "threshold": 0.5}
+    many = {f"concept {n}": concept for n in range(65)}
+    for path, body, loc in [
+        ("/moderate", {"items": [{"item": picture}], "policy": {"concepts": many}}, ["body", "policy", "concepts"]),
+        (
+            "/moderate",
+            {"items": [{"item": picture}], "policy": {"concepts": {"c": {**concept, "prompts": ["a"] * 33}}}},
+            ["body", "policy", "concepts", "c", "prompts"],
+        ),
+        ("/classify", {"images": [{"item": picture}], "labels": ["red", "x" * 2001]}, ["body", "labels", 1]),
+        ("/classify", {"images": [{"item": picture}], "labels": ["red"] * 1001}, ["body", "labels"]),
+        ("/search", {"text": "a circle", "collection": "x" * 201}, ["body", "collection"]),
+    ]:
+        response = client.post(path, json=body)
+        assert response.status_code == 422, (path, response.text[:300])
+        assert response.json()["detail"][0]["loc"][: len(loc)] == loc
+
+
+def test_openapi_states_which_parts_of_a_query_go_together(client):
+    models = client.get("/openapi.json").json()["components"]["schemas"]
+    required = {
+        name: [branch["required"] for branch in models[name][key]]
+        for name, key in [
+            ("Term", "oneOf"),
+            ("ImageRef", "oneOf"),
+            ("SearchRequest", "anyOf"),
+            ("ModerateItem", "anyOf"),
+        ]
+    }
+    assert required == {
+        "Term": [["text"], ["image"], ["item"]],
+        "ImageRef": [["image"], ["item"]],
+        "SearchRequest": [["text"], ["image"], ["item"], ["terms"]],
+        "ModerateItem": [["image"], ["item"], ["text"]],
+    }
+    assert models["ModerateItem"]["not"]["allOf"][0]["required"] == ["image"]
+    assert models["InlinePolicy"]["properties"]["concepts"]["anyOf"][0]["maxProperties"] == 64
+
+
+def test_a_null_in_an_inline_policy_counts_as_left_out(client, ids):
+    # The description allows null for weights; the policy reader took it for a value and refused it.
+    picture, _ = ids
+    concept = {"prompts": ["a red circle"], "threshold": 0.5, "review": None, "weights": None}
+    policy = {"weights": None, "concepts": {"red": concept}, "blocklists": None}
+    response = client.post("/moderate", json={"items": [{"item": picture}], "policy": policy})
+    assert response.status_code == 200 and response.json()["results"][0]["concepts"][0]["concept"] == "red"
+
+
+def test_an_empty_label_is_422_and_knn_service_describes_its_query(client, ids):
+    picture, _ = ids
+    response = client.post("/classify", json={"images": [{"item": picture}], "labels": ["", ""]})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "labels", 0]
+    schema = client.get("/openapi.json").json()["paths"]["/knn-service"]["post"]["requestBody"]
+    branches = schema["content"]["application/json"]["schema"]["anyOf"]
+    assert [branch["required"] for branch in branches] == [["text"], ["image"], ["image_url"], ["embedding_input"]]
+    assert client.post("/knn-service", json={"text": "", "num_images": 1}).status_code == 400
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "PUT", "DELETE"])
+def test_a_method_not_allowed_names_every_method_of_the_path(client, method):
+    # GET and POST /search are two routes; the 405 named only the first one's method.
+    response = client.request(method, "/search")
+    assert response.status_code == 405
+    assert {"GET", "POST"} <= set(response.headers["Allow"].split(", "))
+    assert client.request(method, "/classify").headers["Allow"] == "POST"

@@ -30,7 +30,7 @@ ENGINES = {
         "search.http.strict_input",  # the route class that reads requests strictly
         "search.http.uploads",  # the ASGI middleware that watches request bodies
     },
-    "starlette": {"search.http.context", "search.http.uploads"},  # the thread pool; a client that left
+    "starlette": {"search.http.uploads"},
     "uvicorn": {"search.cli.serve_command"},
 }
 ENGINE_PREFIXES = {"click": "search.cli.", "pydantic": "search.http."}  # a layer's own framework

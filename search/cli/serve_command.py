@@ -44,6 +44,16 @@ def _public_url(ctx, param, text: str | None) -> str:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds per request.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Requests that run at once; more wait in the queue [default: CPU count + 4, at most 32].",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(min=0),
+    help="Requests that wait for a worker; more are answered 503 with Retry-After [default: 64].",
+)
 @click.option("--fetch-urls", is_flag=True, help="Let /knn-service fetch image_url (public addresses only).")
 @click.option("--cors", multiple=True, metavar="ORIGIN", help="Let pages from ORIGIN call the API (repeatable).")
 @click.option(
@@ -53,7 +63,22 @@ def _public_url(ctx, param, text: str | None) -> str:
     help="Where clients reach the server (behind a proxy); URLs in answers start with it. Default: relative URLs.",
 )
 @weights_option
-def serve(index, host, port, token, policy, max_upload, max_pixels, timeout, fetch_urls, cors, public_url, checkpoint):
+def serve(
+    index,
+    host,
+    port,
+    token,
+    policy,
+    max_upload,
+    max_pixels,
+    timeout,
+    workers,
+    queue,
+    fetch_urls,
+    cors,
+    public_url,
+    checkpoint,
+):
     """Serve the HTTP API and the search page for an index.
 
     \b
@@ -87,6 +112,7 @@ def serve(index, host, port, token, policy, max_upload, max_pixels, timeout, fet
         cors=tuple(cors),
         index_name=index_dir(index).name,
         public_url=public_url,
+        **{name: value for name, value in (("workers", workers), ("queue", queue)) if value is not None},
     )
     engine = SearchEngine.open(index, checkpoint, max_pixels=max_pixels)
     click.echo(f"loading the model of {engine.store.root} …", err=True)

@@ -4,23 +4,25 @@ One warm engine serves every request (it follows the indexer's commits by itself
 read strictly (strict_input: 400 for JSON or query strings that are not Unicode, NaN, or nested
 too deep) and validated by pydantic (422 with the reason); clipseek's own errors become 400 (bad
 query), 404 (no such item) or 503 (model or index unavailable); work longer than the timeout is a
-504; a body larger than the limit is a 413 (uploads.BodyGuard), and so is a picture whose header
-declares more pixels than the engine's budget (`clipseek serve --max-pixels`), refused before it
-is decoded. URLs in answers are relative or under --public-url, never taken from the Host header.
-With a token, every route that
-returns data needs `Authorization: Bearer TOKEN`; /health, the search page's own files and the
+504; a request that finds every worker busy and the queue full is a 503 with Retry-After
+(context.Workers); a body larger than the limit is a 413 (uploads.BodyGuard), and so is a picture
+whose header declares more pixels than the engine's budget (`clipseek serve --max-pixels`),
+refused before it is decoded. URLs in answers are relative or under --public-url, never taken
+from the Host header. With a token, every route that returns data needs `Authorization: Bearer
+TOKEN`, checked before the request's body is read; /health, the search page's own files and the
 OpenAPI description hold no data and stay open.
 """
 
 from __future__ import annotations
 
-import hmac
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, Security, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from indexer.errors import (
@@ -35,11 +37,12 @@ from indexer.errors import (
 from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
 from search.http import knn_service
-from search.http.context import ServerSettings, engine_of, run
+from search.http.context import ServerSettings, Workers, engine_of, run
 from search.http.schemas import (
     MAX_INTEGER,
     MAX_TEXT,
     ClassifyRequest,
+    FilterFields,
     ModerateRequest,
     SearchParams,
     SearchRequest,
@@ -51,6 +54,9 @@ from search.http.thumbnails import SIZES, Thumbnails
 from search.http.uploads import BodyGuard
 
 WEB = Path(__file__).with_name("web")
+# States the scheme in the OpenAPI description and reads nothing: StrictRoute checks the token
+# before anything else of a request is read.
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description="the token given to `clipseek serve --token`")
 
 
 def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> FastAPI:
@@ -65,11 +71,10 @@ def create_app(engine: SearchEngine, settings: ServerSettings | None = None) -> 
     app.state.engine = engine
     app.state.settings = settings
     app.state.thumbnails = Thumbnails()
+    app.state.workers = Workers(settings.workers, settings.queue)
     _error_handlers(app)
 
-    api = APIRouter(
-        dependencies=[Depends(_authorised)], route_class=StrictRoute, responses=errors(400, 401, 413, 503, 504)
-    )
+    api = APIRouter(dependencies=[Security(BEARER)], route_class=StrictRoute, responses=errors(400, 401, 413, 503, 504))
     _search_routes(api)
     _item_routes(api)
     _judging_routes(api)
@@ -103,18 +108,6 @@ def _version() -> str:
     return version("clipseek")
 
 
-def _authorised(request: Request) -> None:
-    token = request.app.state.settings.token
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest takes as long whatever the first differing byte, so timing tells nothing.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise HTTPException(
-            401, "a valid 'Authorization: Bearer TOKEN' header is needed", headers={"WWW-Authenticate": "Bearer"}
-        )
-
-
 def _error_handlers(app: FastAPI) -> None:
     statuses = [
         (ItemNotFoundError, 404),
@@ -129,6 +122,21 @@ def _error_handlers(app: FastAPI) -> None:
     async def clipseek_error(request: Request, error: ClipseekError) -> JSONResponse:
         status = next((code for kind, code in statuses if isinstance(error, kind)), 400)
         return JSONResponse({"detail": str(error)}, status_code=status)
+
+    @app.exception_handler(405)
+    async def method_not_allowed(request: Request, error: Exception) -> JSONResponse:
+        # The router names only the methods of the first route on a path, and GET and POST /search
+        # are two routes: Allow gives the methods the OpenAPI description gives the path.
+        path = request.scope["path"]
+        described = {
+            method.upper()
+            for template, operations in app.openapi()["paths"].items()
+            if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path)
+            for method in operations
+        }
+        described |= {"HEAD"} if "GET" in described else set()  # as the router answers HEAD wherever GET
+        allowed = ", ".join(sorted(described)) or error.headers["Allow"]
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": allowed})
 
 
 # -- search ------------------------------------------------------------------------------------
@@ -162,15 +170,12 @@ def _search_routes(api: APIRouter) -> None:
     @api.post("/search", tags=["search"], responses=errors(404))
     async def search(request: Request, body: SearchRequest) -> dict[str, Any]:
         """Nearest items to a text, a picture (base64), a stored item, or a weighted mix of them (`terms`)."""
-        terms = body.all_terms()
-        if not terms:
-            raise HTTPException(422, "give a text, an image, an item or terms")
-        return await _answer(request, _query(terms), body)
+        return await _answer(request, _query(body.all_terms()), body)
 
     @api.get("/search", tags=["search"], responses=errors(404))
     async def search_get(request: Request, params: Annotated[SearchParams, Query()]) -> dict[str, Any]:
         """POST /search for a text or an item, in the URL: `/search?text=a+red+circle&k=5`."""
-        return await search(request, SearchRequest(**params.model_dump()))
+        return await _answer(request, _query(params.all_terms()), params)
 
     @api.post("/search/image", tags=["search"])
     async def search_upload(
@@ -185,7 +190,7 @@ def _search_routes(api: APIRouter) -> None:
         query = EngineQuery.image(await image.read())
         if text:
             query += EngineQuery.text(text)
-        return await _answer(request, query, SearchRequest(modality=modality, k=k, offset=offset))
+        return await _answer(request, query, FilterFields(modality=modality, k=k, offset=offset))
 
 
 # -- items -------------------------------------------------------------------------------------
@@ -258,7 +263,9 @@ def _judging_routes(api: APIRouter) -> None:
         """Judge pictures and texts against the server's policy (or one sent inline): block, review or allow."""
         from search.moderation import Policy
 
-        policy = Policy.from_dict(body.policy) if body.policy is not None else request.app.state.settings.policy
+        policy = request.app.state.settings.policy
+        if body.policy is not None:
+            policy = Policy.from_dict(body.policy.as_data())
         if policy is None:
             raise HTTPException(400, "no policy: start the server with --policy FILE or send one in the request")
         items = [(_picture(item), item.text) for item in body.items]

@@ -24,7 +24,7 @@ from indexer.errors import ItemNotFoundError, QueryError
 from search.engine import MAX_K
 from search.engine import Query as EngineQuery
 from search.http.context import engine_of, link, run
-from search.http.schemas import MAX_TEXT, ItemId, image_bytes, whole
+from search.http.schemas import MAX_TEXT, ItemId, given, image_bytes, whole
 from search.http.strict_input import StrictRoute
 from search.http.url_fetch import fetch_image
 
@@ -33,7 +33,16 @@ PREVIEW = 256  # pixels: the base64 `image` clip-front shows in its grid
 
 
 class KnnRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send options clipseek has no use for
+    # Clients send options clipseek has no use for. The query is the first non-empty one of four.
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "anyOf": [
+                *(given(name, "string", minLength=1) for name in ("text", "image", "image_url")),
+                given("embedding_input", "array", minItems=1),
+            ]
+        },
+    )
 
     text: str | None = Field(None, max_length=MAX_TEXT)
     image: str | None = None

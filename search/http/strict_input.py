@@ -4,7 +4,9 @@ Python's json module takes what JSON does not allow (NaN, Infinity, and 1e999 re
 lone surrogates ("\\ud800", which no UTF-8 text can carry and which fail later, deep inside the
 model's tokenizer or SQLite), and nests as deep as the interpreter's stack goes. Starlette decodes
 query strings leniently, turning bytes that are not UTF-8 into U+FFFD. Here each of these is a 400
-that names the problem. Every API route reads its request through StrictRoute.
+that names the problem. Every API route reads its request through StrictRoute, which checks the
+token first (a client without it gets a 401 before its body is read or parsed), then takes a
+place among the server's workers and their queue (a 503 when there is none).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from urllib.parse import unquote_to_bytes
 import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.routing import APIRoute
+
+from search.http.context import authorise
 
 MAX_DEPTH = 32  # levels of nested arrays and objects; the deepest request (an inline policy) needs 6
 
@@ -61,14 +65,16 @@ class StrictRequest(Request):
 
 
 class StrictRoute(APIRoute):
-    """A route that checks its query string and reads its JSON body with parse_json."""
+    """A route that checks the token, waits for a worker, checks its query string and reads JSON with parse_json."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
 
         async def strict_handler(request: Request):
-            check_query_string(request.scope["query_string"])
-            return await handler(StrictRequest(request.scope, request.receive))
+            authorise(request)
+            async with request.app.state.workers.admission():
+                check_query_string(request.scope["query_string"])
+                return await handler(StrictRequest(request.scope, request.receive))
 
         return strict_handler
 
