@@ -4,28 +4,19 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from indexer.demo_world import write_library
-
-CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
+from tests.command_line import CLIPSEEK, clipseek
 
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPSEEK_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
-
-
-def clipseek(*args, check=True):
-    result = subprocess.run([CLIPSEEK, *map(str, args)], capture_output=True, text=True, timeout=300, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def item_count(index: Path) -> int:

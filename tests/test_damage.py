@@ -3,8 +3,6 @@ are never served, `check` names the file and `check --repair` or any writing com
 stamps from before checksums are rebuilt; a score is always a cosine, within [-1, 1]."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +11,13 @@ import pytest
 from indexer.demo_world import write_library
 from indexer.pipeline import Indexer
 from search.engine import Query, SearchEngine
-
-CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
-
-
-def clipseek(*args, check=True):
-    result = subprocess.run([CLIPSEEK, *map(str, args)], capture_output=True, text=True, timeout=300, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+from tests.command_line import clipseek, indexed_demo_library
 
 
 @pytest.fixture
 def demo_index(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPSEEK_HOME", str(tmp_path / "home"))
-    library = tmp_path / "library"
-    write_library(library, count=24, seed=7)
-    clipseek("index", library, "--model", "demo")
-    clipseek("add-captions", library / "captions.jsonl", "--collection", "demo")
-    return library, tmp_path / "home" / "indexes" / "default"
+    return indexed_demo_library(tmp_path)
 
 
 def overwrite_middle(path: Path, count: int = 512) -> None:

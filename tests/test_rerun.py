@@ -7,25 +7,14 @@ the vector files are left as they were, which is what a kill after the commit le
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from indexer.demo_world import write_library
 from indexer.store import Filters, Store, is_under
+from tests.command_line import clipseek, indexed_demo_library
 from tests.test_index_types import make_index, unit
-
-CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
-
-
-def clipseek(*args, check=True):
-    result = subprocess.run([CLIPSEEK, *map(str, args)], capture_output=True, text=True, timeout=300, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def commit_only(root: Path, ids: list[int]) -> None:
@@ -38,11 +27,7 @@ def commit_only(root: Path, ids: list[int]) -> None:
 def killed_remove(tmp_path, monkeypatch):
     """`clipseek remove LIBRARY/album-01/grass --collection demo`, killed after its catalog commit."""
     monkeypatch.setenv("CLIPSEEK_HOME", str(tmp_path / "home"))
-    library = tmp_path / "library"
-    write_library(library, count=24, seed=7)
-    clipseek("index", library, "--model", "demo")
-    clipseek("add-captions", library / "captions.jsonl", "--collection", "demo")
-    root = tmp_path / "home" / "indexes" / "default"
+    library, root = indexed_demo_library(tmp_path)
     grass = library / "album-01" / "grass"
     with Store.open(root) as store:
         pictures = [item.id for path, item in store.catalog.images().items() if is_under(path, [os.fsencode(grass)])]
