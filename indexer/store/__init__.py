@@ -2,7 +2,8 @@
 
     catalog.sqlite            items, their embeddings, failures, model identity, generation
     image.faiss, text.faiss   one vector file per modality, stamped with the generation
-    writer.lock               held (flock) by the one process writing; holds its pid
+    index-choice.json         why `auto` chose each kind (building.py), on the machine that measured it
+    writer.lock               held (flock) by the one process writing; holds its pid (writer.py)
 
 The Store keeps the two in agreement: every write goes through `Store.write()`, which commits
 the catalog first and then applies the same change to the in-memory vector indexes; `flush()`
@@ -14,34 +15,30 @@ command a crash interrupted leaves the index consistent.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, StoreError
+from indexer.errors import IndexNotFoundError, ModelMismatchError, StoreError
 from indexer.models.identity import ModelId, sha256_file
 from indexer.store import index_choice
-from indexer.store.catalog import Catalog, Filters, NewCaption, NewImage, StoredImage, Writer
+from indexer.store.building import Progress, build, log_progress, note_decision, quiet, read_decisions
+from indexer.store.catalog import MODALITIES, Catalog, Filters, NewCaption, NewImage, StoredImage
 from indexer.store.vectors import (
-    ADD_BLOCK,
     IndexSpec,
-    TuningQueries,
     VectorIndex,
     read_spec,
     remove_files,
     rerank,
-    training_size,
-    tune,
     verify,
-    write_atomically,
 )
+from indexer.store.writer import StoreWriter, take_writer_lock
 
 __all__ = [
     "MODALITIES",
@@ -58,27 +55,8 @@ __all__ = [
 
 log = logging.getLogger("clipseek")
 
-MODALITIES = ("image", "text")
 CATALOG = "catalog.sqlite"
-DECISIONS = "index-choice.json"  # why `auto` chose each kind, on the machine that measured it
 EXACT_FILTER = 20_000  # filters matching at most this many items are searched exactly (~40 MB of embeddings at 512-d)
-
-# A long rebuild reports (phase, done, total) as it goes, e.g. ("images: adding", 300_000, 1_000_000);
-# a phase with nothing to count reports total 0.
-Progress = Callable[[str, int, int], None]
-
-
-def log_progress(phase: str, done: int, total: int) -> None:
-    """Progress as log lines: a phase without a count as it starts; adding, a line per block when
-    there are several (a small rebuild says nothing)."""
-    if not total:
-        log.info("%s", phase)
-    elif total > ADD_BLOCK and done:
-        log.info("%s: %s of %s (%.0f%%)", phase, f"{done:,}", f"{total:,}", 100 * done / total)
-
-
-def _quiet(phase: str, done: int, total: int) -> None:
-    """A reader's rebuild reports no progress: Store.vectors has said in one line why it rebuilds."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +90,7 @@ class Store:
             if not create:
                 raise IndexNotFoundError(f"no index at {root}: create one with `clipseek index FOLDER`")
             root.mkdir(parents=True, exist_ok=True)
-        lock = _take_writer_lock(root) if write else None
+        lock = take_writer_lock(root) if write else None
         return cls(root, Catalog(root / CATALOG, readonly=not write), lock)
 
     def close(self) -> None:
@@ -240,7 +218,7 @@ class Store:
                 if self._ever_stored(modality):
                     log.info("%s: %s; catching up from the catalog", self._vector_path(modality).name, problem)
                 writer = self._lock is not None
-                index = self._rebuild(modality, log_progress if writer else _quiet)
+                index = self._rebuild(modality, log_progress if writer else quiet)
                 if writer:
                     self._dirty.add(modality)
             self._vectors[modality] = index
@@ -275,35 +253,7 @@ class Store:
         count = self._counts()[modality]
         if not spec.exact and count < (spec.nlist or 0) * index_choice.MIN_PER_CLUSTER + 1:
             spec = IndexSpec()
-        return self._build(modality, spec, count, progress)
-
-    def _build(self, modality: str, spec: IndexSpec, count: int, progress: Progress) -> VectorIndex:
-        """A vector index of `spec` over the catalog's embeddings of `modality`, streamed from it in
-        blocks: memory holds the index and one block, never every embedding at once. IVF kinds
-        are trained on a sample first; approximate kinds are then tuned (see vectors.tune).
-        `count`, the modality's items, is for progress."""
-        name = f"{modality}s"
-        training, queries = None, None
-        if not spec.exact:
-            ids, training = self.catalog.vector_sample(modality, max(training_size(spec), 200))
-            queries = TuningQueries.drawn(ids, training)
-            progress(f"{name}: training {spec.kind}" if spec.nlist else f"{name}: building {spec.kind}", 0, 0)
-        index = VectorIndex.empty(self.model_id.dim, spec, training)
-        del training
-        done = 0
-        if count:  # a first write builds an empty index: nothing to say
-            progress(f"{name}: adding", 0, count)
-        for ids, vectors in self.catalog.vector_blocks(modality, ADD_BLOCK):
-            index.add(ids, vectors)
-            if queries is not None:
-                queries.update(ids, vectors)
-            done += len(ids)
-            progress(f"{name}: adding", done, max(count, done))
-        if queries is None or not done:
-            return index
-        target = spec.target or index_choice.RECALL
-        progress(f"{name}: tuning to recall@10 ≥ {target:g}", 0, 0)
-        return tune(index, queries, self.catalog.embeddings_of, target)
+        return build(self.catalog, self.model_id.dim, modality, spec, count, progress)
 
     def _counts(self) -> dict[str, int]:
         """Items per modality (one scan of the catalog: seconds at ten million items)."""
@@ -384,7 +334,7 @@ class Store:
             except StoreError as error:
                 progress(f"{modality}s: {error}; the vector file stays {was or 'as last built'}", 0, 0)
                 continue
-            self._note_decision(modality, decision)
+            note_decision(self.root, modality, decision)
             if spec.kind != was:
                 plan[modality] = spec
         return self._rebuild_as(plan, counts, progress)
@@ -403,7 +353,7 @@ class Store:
         for modality, count in counts.items():
             if count:
                 plan[modality], decision = index_choice.choose(count, self.model_id.dim, kind, budget, latency_ms)
-                self._note_decision(modality, decision)
+                note_decision(self.root, modality, decision)
         return self._rebuild_as(plan, counts, progress)
 
     def _rebuild_as(
@@ -412,7 +362,7 @@ class Store:
         chosen = {}
         for modality, spec in plan.items():
             self._vectors.pop(modality, None)  # the old index's memory, free for the new one
-            index = self._build(modality, spec, counts[modality], progress)
+            index = build(self.catalog, self.model_id.dim, modality, spec, counts[modality], progress)
             with self.catalog.write() as writer:  # first: a rebuild after a crash makes this kind again
                 writer.set(f"index_spec.{modality}", index.spec.to_dict())
             self._vectors[modality] = index
@@ -422,25 +372,9 @@ class Store:
         self.catch_up()  # a modality left with no items may still have a stale file
         return chosen
 
-    def _note_decision(self, modality: str, decision: index_choice.Decision | None) -> None:
-        """Why `auto` chose each kind, for `status`: a file beside the vector files rather than a
-        catalog row, since it belongs to the machine that measured it (and a commit would wake
-        every reader)."""
-        path = self.root / DECISIONS
-        try:
-            noted = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            noted = {}
-        noted[modality] = decision.to_dict() if decision else None
-        write_atomically(path, json.dumps(noted, sort_keys=True).encode())
-
     def decisions(self) -> dict[str, index_choice.Decision]:
-        """The decisions `auto` last noted, by modality (none where a kind was asked for)."""
-        try:
-            noted = json.loads((self.root / DECISIONS).read_text(encoding="utf-8"))
-            return {modality: index_choice.Decision(**value) for modality, value in noted.items() if value}
-        except (OSError, ValueError, TypeError):
-            return {}
+        """Why `auto` chose each modality's kind, as last noted (none where a kind was asked for)."""
+        return read_decisions(self.root)
 
     def check(self) -> list[str]:
         """Everything that disagrees between catalog and vector files; empty when consistent."""
@@ -490,83 +424,11 @@ class Store:
         )
 
 
-class StoreWriter:
-    """The changes of one Store.write() transaction, mirrored into the vector indexes on commit."""
-
-    def __init__(self, writer: Writer, vector_index: Callable[[str], VectorIndex] | None):
-        self._writer = writer
-        # A modality's vector index is loaded (or rebuilt from the catalog, which does not yet
-        # see this transaction) before its first change, so the change is applied exactly once.
-        # None: a bulk load, which leaves the vector files to be rebuilt.
-        self._load_vectors = vector_index or (lambda modality: None)
-        self._bulk = vector_index is None
-        self.added: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        self.removed: list[int] = []
-
-    def _added(self, modality: str, ids: list[int], vectors: list[np.ndarray]) -> list[int]:
-        if not ids or self._bulk:
-            return ids
-        known_ids, known_vectors = self.added.setdefault(modality, ([], []))
-        known_ids.extend(ids)
-        known_vectors.extend(vectors)
-        return ids
-
-    def add_images(self, images: list[NewImage]) -> list[int]:
-        if images:
-            self._load_vectors("image")
-        return self._added("image", self._writer.add_images(images), [image.vector for image in images])
-
-    def add_captions(self, collection: str, captions: list[NewCaption]) -> list[int]:
-        if captions:
-            self._load_vectors("text")
-        return self._added("text", self._writer.add_captions(collection, captions), [c.vector for c in captions])
-
-    def delete_items(self, ids: list[int]) -> None:
-        if ids:
-            for modality in MODALITIES:
-                self._load_vectors(modality)
-        self._writer.delete_items(ids)
-        self.removed.extend(ids)
-
-    def delete_collection(self, collection: str) -> int:
-        ids = self._writer.collection_ids(collection)
-        self.delete_items(ids)
-        return len(ids)
-
-    def move_image(self, item_id: int, path: bytes, size: int, mtime_ns: int) -> None:
-        self._writer.move_image(item_id, path, size, mtime_ns)
-
-    def touch_image(self, item_id: int, size: int, mtime_ns: int) -> None:
-        self._writer.touch_image(item_id, size, mtime_ns)
-
-    def record_failure(self, path: bytes, reason: str, size: int | None, mtime_ns: int | None) -> None:
-        self._writer.record_failure(path, reason, size, mtime_ns)
-
-    def forget_failures(self, paths: list[bytes]) -> None:
-        self._writer.forget_failures(paths)
-
-
 def _cosine(scores: np.ndarray) -> np.ndarray:
     """Scores as cosine similarities, within [-1, 1]: float32 inner products of unit vectors round
     a hair past them (an item found by its own vector scores 1.0000002), which a caller comparing
     with 1 or printing a percentage should never see."""
     return np.clip(scores, -1.0, 1.0)
-
-
-def _take_writer_lock(root: Path) -> int:
-    """flock on writer.lock: one writer at a time, released by the OS even on kill -9."""
-    descriptor = os.open(root / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "another process"
-        os.close(descriptor)
-        raise IndexLockedError(
-            f"the index at {root} is being written by process {holder}; wait for it to finish"
-        ) from None
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
-    return descriptor
 
 
 def is_under(path: bytes, roots: Iterable[bytes]) -> bool:

@@ -41,6 +41,8 @@ from sqlalchemy import (
 
 from indexer.errors import QueryError, StoreError
 
+MODALITIES = ("image", "text")  # what an item is: a picture or a caption
+
 SCHEMA_VERSION = 1
 
 metadata = MetaData()
