@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from indexer.store import index_choice
 from indexer.store.catalog import Catalog
+from indexer.store.index_choice import RECALL, Decision
 from indexer.store.vectors import (
     ADD_BLOCK,
     IndexSpec,
@@ -71,12 +71,12 @@ def build(catalog: Catalog, dim: int, modality: str, spec: IndexSpec, count: int
         progress(f"{name}: adding", done, max(count, done))
     if queries is None or not done:
         return index
-    target = spec.target or index_choice.RECALL
+    target = spec.target or RECALL
     progress(f"{name}: tuning to recall@10 ≥ {target:g}", 0, 0)
     return tune(index, queries, catalog.embeddings_of, target)
 
 
-def note_decision(root: Path, modality: str, decision: index_choice.Decision | None) -> None:
+def note_decision(root: Path, modality: str, decision: Decision | None) -> None:
     """Record why `auto` chose a modality's kind (None: a kind was asked for, or none measured)."""
     path = root / DECISIONS
     try:
@@ -87,10 +87,10 @@ def note_decision(root: Path, modality: str, decision: index_choice.Decision | N
     write_atomically(path, json.dumps(noted, sort_keys=True).encode())
 
 
-def read_decisions(root: Path) -> dict[str, index_choice.Decision]:
+def read_decisions(root: Path) -> dict[str, Decision]:
     """The decisions `auto` last noted, by modality."""
     try:
         noted = json.loads((root / DECISIONS).read_text(encoding="utf-8"))
-        return {modality: index_choice.Decision(**value) for modality, value in noted.items() if value}
+        return {modality: Decision(**value) for modality, value in noted.items() if value}
     except (OSError, ValueError, TypeError):
         return {}
