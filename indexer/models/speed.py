@@ -40,12 +40,12 @@ def measure(architecture: str, pictures: int = PICTURES, texts: int = TEXTS) -> 
     encoder.embed_texts(captions[:2])
     return Speed(
         architecture,
-        pictures / _seconds(lambda: encoder.embed_images(images)),
-        texts / _seconds(lambda: encoder.embed_texts(captions)),
+        pictures / best_seconds(lambda: encoder.embed_images(images)),
+        texts / best_seconds(lambda: encoder.embed_texts(captions)),
     )
 
 
-def _seconds(work, runs: int = 3) -> float:
+def best_seconds(work, runs: int = 3) -> float:
     """The fastest of `runs`: a run slowed by something else on the machine says nothing of the model."""
     times = []
     for _ in range(runs):

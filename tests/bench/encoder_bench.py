@@ -19,6 +19,7 @@ from PIL import Image
 from indexer.demo_world import caption, held_out_recall, random_scene, render
 from indexer.models import backend
 from indexer.models.encoder import load_encoder
+from indexer.models.speed import best_seconds
 
 IMAGE_GFLOPS = 8.82
 TEXT_GFLOPS = 5.96
@@ -27,12 +28,7 @@ BATCH = 32
 
 def _best_seconds(work, repeats: int) -> float:
     work()  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return best_seconds(work, repeats)
 
 
 def matmul_gflops(n: int = 2048) -> float:
