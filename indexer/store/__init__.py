@@ -354,7 +354,9 @@ class Store:
             if count:
                 plan[modality], decision = index_choice.choose(count, self.model_id.dim, kind, budget, latency_ms)
                 note_decision(self.root, modality, decision)
-        return self._rebuild_as(plan, counts, progress)
+        chosen = self._rebuild_as(plan, counts, progress)
+        self.catch_up()  # a modality left with no items may still have a stale file
+        return chosen
 
     def _rebuild_as(
         self, plan: dict[str, IndexSpec], counts: dict[str, int], progress: Progress
@@ -369,7 +371,6 @@ class Store:
             self._dirty.add(modality)
             self.flush()
             chosen[modality] = index.spec
-        self.catch_up()  # a modality left with no items may still have a stale file
         return chosen
 
     def decisions(self) -> dict[str, index_choice.Decision]:
