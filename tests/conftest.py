@@ -30,13 +30,3 @@ def model_cache(tmp_path_factory):
     os.environ["CLIPSEEK_CACHE"] = str(folder)
     yield folder
     del os.environ["CLIPSEEK_CACHE"]
-
-
-# The longest files first: `make test` gives each file to one worker (--dist loadfile), and a long
-# file that starts last keeps one core busy after the other has finished.
-LONGEST_FIRST = ("test_ray.py", "test_cli_index.py", "test_onnx_path.py", "test_cli_search.py", "test_http_fuzz.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
