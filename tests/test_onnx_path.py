@@ -14,7 +14,7 @@ import pytest
 from indexer.demo_world import write_library
 from indexer.errors import ClipseekWarning
 from indexer.models import backend
-from indexer.models.onnx_encoder import ExportBrokenError, OnnxEncoder
+from indexer.models.onnx_encoder import INT8_PROBE_TEXTS, ExportBrokenError, OnnxEncoder
 from indexer.pipeline import Indexer
 from indexer.sources.pictures import decode_image
 from search.engine import Query, SearchEngine
@@ -66,20 +66,40 @@ def test_the_indexer_stores_what_torch_would_have_embedded(indexed, demo_encoder
     assert len(cosines) == len(pictures) and cosines.min() >= 0.9999
 
 
-def test_int8_is_opt_in_and_close_to_float32(indexed, monkeypatch):
+def test_int8_pictures_are_opt_in_and_close_to_float32(indexed, monkeypatch):
     root, pictures = indexed
     queries = [*QUERIES, Query.image(pictures[0]), Query.image(pictures[1])]
     with SearchEngine.open(root / "index") as engine:
-        assert not engine.encoder.int8
+        assert "image" not in engine.encoder.int8_towers
         expected = [engine.embed(query) for query in queries]
         best = [engine.search(query, k=1)[0].id for query in queries]
     monkeypatch.setenv("CLIPSEEK_BACKEND", "int8")
     assert backend.describe(engine.store.model_id).startswith("ONNX Runtime, int8 weights (")
     with SearchEngine.open(root / "index") as engine:
-        assert engine.encoder.int8
+        assert engine.encoder.int8_towers == {"text", "image"}
         cosines = [float(engine.embed(query) @ vector) for query, vector in zip(queries, expected, strict=True)]
-        assert min(cosines) >= 0.999 and max(cosines) < 1 - 1e-7  # close, and really other weights
+        assert min(cosines) >= 0.999 and max(cosines[-2:]) < 1 - 1e-7  # close, and really other weights
         assert [engine.search(query, k=1)[0].id for query in queries] == best
+
+
+def test_query_texts_take_the_int8_tower_only_where_the_export_measured_it_faithful(indexed, own_cache):
+    root, _ = indexed
+    with SearchEngine.open(root / "index") as engine:
+        model_id = engine.store.model_id
+    texts = list(INT8_PROBE_TEXTS)
+    float32 = OnnxEncoder(own_cache, model_id, int8="none").embed_texts(texts)
+    int8 = OnnxEncoder(own_cache, model_id, int8="all").embed_texts(texts)
+    recorded = json.loads((own_cache / "manifest.json").read_text())["text_int8"]["cosine"]
+    assert recorded == pytest.approx((float32 * int8).sum(axis=1).min(), abs=1e-6) and recorded < 1 - 1e-6
+    for cosine, towers, vectors, said in [
+        (0.9995, {"text"}, int8, "texts through int8 weights (cosine ≥ 0.9995 to float32)"),
+        (0.998, set(), float32, "texts in float32 (int8 weights reached only cosine 0.9980)"),
+    ]:
+        _edit_manifest(own_cache, lambda manifest, cosine=cosine: manifest["text_int8"].update(cosine=cosine))
+        encoder = OnnxEncoder(own_cache, model_id)
+        assert encoder.int8_towers == towers
+        np.testing.assert_array_equal(encoder.embed_texts(texts), vectors)
+        assert backend.describe(model_id).endswith(said)
 
 
 def run_cli(*args, env=None):

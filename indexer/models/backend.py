@@ -9,7 +9,9 @@ costs one torch load and a few seconds to a minute, once. A model that cannot be
 remembered with the reason (until torch or open_clip change) and embeds with torch. A damaged
 export, or one of another model, is made again with a warning. CLIPSEEK_BACKEND=torch never
 uses an export; CLIPSEEK_BACKEND=onnx fails rather than fall back to torch; CLIPSEEK_BACKEND=int8
-is `onnx` with the export's 8-bit towers (opt-in: about twice as fast, slightly different vectors).
+is `onnx` with the export's 8-bit towers for pictures too (opt-in: about twice as fast, slightly
+different vectors). Queries' texts take the 8-bit text tower wherever the export measured it
+faithful (OnnxEncoder).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from indexer.config import cache_home
 from indexer.errors import ClipseekError, ClipseekWarning, ModelError, ModelMismatchError
 from indexer.models import hub
 from indexer.models.identity import DEMO_MODEL, ModelId
-from indexer.models.onnx_encoder import ExportBrokenError, OnnxEncoder, read_manifest
+from indexer.models.onnx_encoder import INT8_COSINE, ExportBrokenError, OnnxEncoder, read_manifest
 
 if TYPE_CHECKING:
     from indexer.models.encoder import Encoder
@@ -72,7 +74,7 @@ def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | No
         _export(with_torch(), folder)
 
     rebuild_if_possible = rebuild if util.find_spec("torch") else None
-    int8 = backend == "int8"
+    int8 = "all" if backend == "int8" else "faithful"
     refused = _refusal(folder)
     if refused is not None:
         if backend != "auto":
@@ -120,7 +122,12 @@ def describe(model_id: ModelId) -> str:
         return "ONNX Runtime, once the first query exports the model (one torch load)"
     if manifest.get("model") != model_id.to_dict():
         return f"ONNX Runtime, once the export at {folder} (of another model) is made again"
-    return f"ONNX Runtime{', int8 weights' if backend == 'int8' else ''} ({folder})"
+    if backend == "int8":
+        return f"ONNX Runtime, int8 weights ({folder})"
+    cosine = manifest["text_int8"]["cosine"]
+    if cosine >= INT8_COSINE:
+        return f"ONNX Runtime ({folder}); texts through int8 weights (cosine ≥ {cosine:.4f} to float32)"
+    return f"ONNX Runtime ({folder}); texts in float32 (int8 weights reached only cosine {cosine:.4f})"
 
 
 def exported(model_id: ModelId) -> bool | None:

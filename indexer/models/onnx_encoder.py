@@ -5,10 +5,11 @@
 
 An export is a folder: the text and image towers as ONNX files, CLIP's vocabulary and a
 manifest.json saying which model they are (its ModelId), how to tokenise and preprocess, and
-what each tower gave for a fixed probe when it was exported. Each tower is loaded on its first
-use; its files must have their recorded sizes and checksums, and it must reproduce its probe
-(cosine ≥ PROBE_COSINE), before it embeds anything: a damaged file gives an error, never a
-wrong vector. This is the only module that imports onnxruntime.
+what each tower gave for a fixed probe when it was exported. Each tower also has a copy with
+8-bit weights; a query's text goes through it where the export measured it faithful (see
+OnnxEncoder). Each tower is loaded on its first use; its files must have their recorded sizes
+and checksums, and it must reproduce its probe (cosine ≥ PROBE_COSINE), before it embeds
+anything: a damaged file gives an error, never a wrong vector. This is the only module that imports onnxruntime.
 """
 
 from __future__ import annotations
@@ -28,12 +29,42 @@ from indexer.models.identity import ModelId
 from indexer.models.pixels import Preprocess, embed_in_batches
 from indexer.models.tokenizer import ClipTokenizer
 
-__all__ = ["FORMAT", "MANIFEST", "PROBE_TEXT", "ExportBrokenError", "OnnxEncoder", "file_checksum", "probe_picture"]
+__all__ = [
+    "FORMAT",
+    "INT8_COSINE",
+    "INT8_PROBE_TEXTS",
+    "MANIFEST",
+    "PROBE_TEXT",
+    "ExportBrokenError",
+    "OnnxEncoder",
+    "file_checksum",
+    "probe_picture",
+]
 
-FORMAT = 4  # of the export folder; an export of another format is made again
+FORMAT = 5  # of the export folder; an export of another format is made again
 MANIFEST = "manifest.json"
 PROBE_TEXT = "a photo of a cat sunbathing on a windowsill"
 PROBE_COSINE = 0.9999  # a tower must give at least this cosine to its exported probe vector
+INT8_COSINE = 0.999  # the int8 text tower embeds queries where every probe text keeps this cosine to float32
+INT8_PROBE_TEXTS = (  # queries as people type them: short and long, in several scripts
+    "cat",
+    "a dog",
+    PROBE_TEXT,
+    "a large red circle",
+    "a small blue square over sand",
+    "two children playing football on a beach at sunset, seen from far away",
+    "black and white portrait of an old man with a beard, wearing a hat, in the rain",
+    "screenshot of a spreadsheet",
+    "the Eiffel Tower at night",
+    "a handwritten note on yellow paper",
+    "一只晒太阳的猫",
+    "夕暮れの富士山",
+    "강아지와 고양이",
+    "قطة نائمة",
+    "🐱☀️",
+    "NSFW",
+    "a photo of " + "many " * 40 + "birds",  # past the context length
+)
 
 
 class ExportBrokenError(ModelError):
@@ -77,14 +108,19 @@ class OnnxEncoder:
         folder: str | Path,
         model_id: ModelId,
         rebuild: Callable[[ExportBrokenError], None] | None = None,
-        int8: bool = False,
+        int8: str = "faithful",
     ):
         """Open the export in `folder`, which must be of `model_id`. `rebuild` makes the export
         again (it needs torch); a tower found damaged is rebuilt once, else it is an error.
-        `int8`: embed with the towers whose weights were quantised to 8 bits (opt-in: faster,
-        slightly different vectors; see the README's benchmarks)."""
+        `int8`: which towers embed with their weights quantised to 8 bits: "faithful" (the
+        text tower where the export measured every INT8_PROBE_TEXTS within INT8_COSINE of
+        float32: a query's text is embedded on every request, and reading a quarter of the
+        weights halves its latency; pictures, embedded once for the index, stay float32),
+        "all" (opt-in: both, about twice as fast, slightly different vectors) or "none"."""
+        if int8 not in ("faithful", "all", "none"):
+            raise ValueError(f"int8 must be 'faithful', 'all' or 'none', not {int8!r}")
         self.folder = Path(folder)
-        self.int8 = int8
+        self._int8 = int8
         self._rebuild = rebuild
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
@@ -105,6 +141,13 @@ class OnnxEncoder:
         self.logit_scale: float = manifest["logit_scale"]
         self.preprocess = Preprocess.from_dict(manifest["image"]["preprocess"])
         self._tokenizer: ClipTokenizer | None = None
+        self.int8_towers = frozenset({"text", "image"} if self._int8 == "all" else ())
+        if self._int8 == "faithful":
+            try:
+                faithful = manifest["text_int8"]["cosine"] >= INT8_COSINE
+            except (KeyError, TypeError) as error:
+                raise ExportBrokenError(f"the ONNX export at {self.folder} has no int8 measurement ({error})") from None
+            self.int8_towers = frozenset({"text"} if faithful else ())
 
     @property
     def trims_text(self) -> bool:
@@ -189,7 +232,7 @@ class OnnxEncoder:
     def _load(self, tower: str, check: bool = True):
         import onnxruntime
 
-        entry = self.manifest[f"{tower}_int8" if self.int8 else tower]
+        entry = self.manifest[f"{tower}_int8" if tower in self.int8_towers else tower]
         for name, (size, _) in entry["files"].items():
             path = self.folder / name
             if not path.is_file() or path.stat().st_size != size:

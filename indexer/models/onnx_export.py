@@ -34,6 +34,7 @@ from indexer.models.encoder import Encoder, eos_id, text_forward
 from indexer.models.identity import ModelId
 from indexer.models.onnx_encoder import (
     FORMAT,
+    INT8_PROBE_TEXTS,
     MANIFEST,
     PROBE_TEXT,
     ExportBrokenError,
@@ -180,7 +181,7 @@ def _quiet():
 
 def _check(work: Path, encoder: Encoder) -> None:
     """The export must reproduce torch through ONNX Runtime, with our tokenizer and preprocessing."""
-    exported = OnnxEncoder(work, encoder.model_id)
+    exported = OnnxEncoder(work, encoder.model_id, int8="none")
     try:
         exported.embed_texts([PROBE_TEXT])
         exported.embed_images([probe_picture()])
@@ -189,20 +190,26 @@ def _check(work: Path, encoder: Encoder) -> None:
 
 
 def _quantize(work: Path, manifest: dict) -> None:
-    """Add the opt-in int8 towers: weights of matrix products quantised to 8 bits, activations
-    quantised on the fly (ONNX Runtime's dynamic quantisation). Their probes are their own."""
+    """Add the int8 towers: weights of matrix products quantised to 8 bits (one scale per output
+    channel), activations quantised on the fly (ONNX Runtime's dynamic quantisation). Their
+    probes are their own; the text tower's cosine to float32 over INT8_PROBE_TEXTS decides
+    whether queries use it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for tower in ("text", "image"):
         quantized = work / f"{tower}.int8.onnx"
         with _quiet():
-            quantize_dynamic(work / f"{tower}.onnx", quantized, weight_type=QuantType.QInt8)
+            quantize_dynamic(work / f"{tower}.onnx", quantized, weight_type=QuantType.QInt8, per_channel=True)
         files = {quantized.name: (quantized.stat().st_size, file_checksum(quantized))}
-        manifest[f"{tower}_int8"] = {"model": quantized.name, "files": files, "probe": None}
+        manifest[f"{tower}_int8"] = {"model": quantized.name, "files": files, "probe": None, "cosine": 0.0}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    probes = OnnxEncoder(work, ModelId.from_dict(manifest["model"]), int8=True).measured_probes()
-    for tower, probe in probes.items():
+    model_id = ModelId.from_dict(manifest["model"])
+    for tower, probe in OnnxEncoder(work, model_id, int8="all").measured_probes().items():
         manifest[f"{tower}_int8"]["probe"] = probe
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    texts = list(INT8_PROBE_TEXTS)
+    float32, int8 = (OnnxEncoder(work, model_id, int8=towers).embed_texts(texts) for towers in ("none", "all"))
+    manifest["text_int8"]["cosine"] = round(float((float32 * int8).sum(axis=1).min()), 6)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
 
