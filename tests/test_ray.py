@@ -1,11 +1,13 @@
-"""Indexing on Ray, with a local Ray started by each run (kept short): the same index as the plain
-path, a model actor killed mid-run that Ray replaces, shards left by a killed ingest, a list of
-URLs with broken ones (served on loopback), and WebDataset shards."""
+"""Indexing on Ray: the same index as the plain path and a model actor killed mid-run that Ray
+replaces (each a `clipseek index --ray` that starts and stops a local Ray of its own); then, on
+one local Ray kept up for them (a run joins a Ray already running), shards left by a killed
+ingest, a list of URLs with broken ones (served on loopback), and WebDataset shards."""
 
 import functools
 import http.server
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from indexer.config import ListSource, RaySettings
 from indexer.demo_world import write_library
@@ -39,6 +42,20 @@ def library(tmp_path_factory):
     write_library(folder, count=40, seed=21)
     (folder / "broken.jpg").write_bytes(b"not a picture")
     return folder
+
+
+@pytest.fixture(scope="module")
+def running_ray(model_cache):
+    """A local Ray for the in-process runs: started once, not once per run (some 10 s each)."""
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, RaySettings().workers + 1),
+        runtime_env={"env_vars": {"CLIPSEEK_CACHE": str(model_cache)}},
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    yield
+    ray.shutdown()
 
 
 def rows_by_path(index: Path) -> dict:
@@ -118,6 +135,7 @@ def test_a_model_actor_killed_mid_run_is_replaced_and_the_index_is_complete(tmp_
         assert store.check() == []
 
 
+@pytest.mark.usefixtures("running_ray")
 def test_shards_left_by_a_killed_run_are_ingested_once(tmp_path, library):
     index = tmp_path / "index"
     with Indexer.open(index, model="demo") as indexer:  # embedded on Ray, killed before the ingest
@@ -178,6 +196,7 @@ def served(library):
     server.shutdown()
 
 
+@pytest.mark.usefixtures("running_ray")
 def test_a_list_of_urls_with_broken_ones_records_the_failures_and_finishes(tmp_path, library, served):
     captions = [json.loads(line) for line in (library / "captions.jsonl").read_text().splitlines()][:8]
     rows = [{"URL": f"{served}/{row['image']}", "TEXT": row["caption"]} for row in captions]
@@ -210,6 +229,7 @@ def test_a_list_of_urls_with_broken_ones_records_the_failures_and_finishes(tmp_p
     assert (again.embedded, again.failed, again.captions) == (0, 0, 0)
 
 
+@pytest.mark.usefixtures("running_ray")
 def test_webdataset_shards_are_read_with_their_captions(tmp_path, library):
     pictures = sorted(library.rglob("*.jpg"))[:3]
     shard = tmp_path / "shard-000000.tar"
@@ -229,6 +249,7 @@ def test_webdataset_shards_are_read_with_their_captions(tmp_path, library):
         assert store.catalog.captions("wds") == {"caption 0", "caption 1", "caption 2"}
 
 
+@pytest.mark.usefixtures("running_ray")
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_csv_and_jsonl_lists_are_read_too(tmp_path, library, served, suffix):
     captions = [json.loads(line) for line in (library / "captions.jsonl").read_text().splitlines()][:4]
