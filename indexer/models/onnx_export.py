@@ -134,16 +134,8 @@ def _text_settings(encoder: Encoder) -> dict:
 
 
 def _image_settings(encoder: Encoder) -> dict:
-    config = encoder.model.visual.preprocess_cfg
-    size = config["size"]
     try:
-        preprocess = Preprocess(
-            (size, size) if isinstance(size, int) else tuple(size),
-            tuple(config["mean"]),
-            tuple(config["std"]),
-            config.get("interpolation", "bicubic"),
-            config.get("resize_mode", "shortest"),
-        )
+        preprocess = Preprocess.from_open_clip(encoder.model.visual.preprocess_cfg)
     except ValueError as error:
         raise NotExportableError(f"{encoder.model_id.architecture}: {error}") from None
     picture = probe_picture().resize((301, 257))
