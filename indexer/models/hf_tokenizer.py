@@ -60,10 +60,8 @@ class HfTokenizer:
         self.clean = CLEANERS[clean]
         self.pad_id = self._id("pad_token", ("<pad>", "[PAD]"))
         self.sep_id = self._id("sep_token", ("[SEP]", "</s>")) if strip_sep_token else None
-        if self.family == "NllbTokenizer":
+        if self.family == "NllbTokenizer" or language is not None:  # another family refuses a language
             self.set_language(language or self.config.get("src_lang") or NLLB_DEFAULT_LANGUAGE)
-        elif language is not None:
-            raise ModelError(f"a {self.family or 'tokenizer'} has no language codes (only NLLB's have)")
         # The file's own padding and truncation are replaced: open_clip asks for exactly the context length.
         self.tokenizer.enable_truncation(max_length=context_length)
         self.tokenizer.enable_padding(
