@@ -49,6 +49,28 @@ def test_token_ids_equal_open_clips(family, tmp_path):
     assert (got[:, -2] != pad).any(), "the texts must include some cut at the context length"
 
 
+@pytest.mark.parametrize(
+    ("build", "sides", "padded"),
+    [
+        (siglip2_gemma, {"padding_side": None}, "left"),  # Gemma's class pads on the left unless told
+        (xlm_roberta, {"padding_side": "left", "truncation_side": "left"}, "left"),
+        (siglip_t5, {"truncation_side": "left"}, "right"),
+    ],
+    ids=["gemma-unset", "xlm-roberta-left", "t5-cut-on-the-left"],
+)
+def test_the_sides_padded_and_cut_are_open_clips(build, sides, padded, tmp_path):
+    folder = build(tmp_path / "tokenizer")
+    config = json.loads((folder / "tokenizer_config.json").read_text()) | sides
+    config = {key: value for key, value in config.items() if value is not None}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    expected = HFTokenizer(str(folder), context_length=24)(TEXTS).numpy()
+    ours = HfTokenizer(folder, context_length=24)
+    got = ours(TEXTS)
+    np.testing.assert_array_equal(got, expected)
+    (short,) = ours(["cat"])
+    assert short[0 if padded == "left" else -1] == ours.pad_id
+
+
 # open_clip's own `language` argument is lost: transformers restores the config's source language
 # (`src_lang`) before every call. Its `src_lang` argument is what takes effect, and `language` here means that.
 @pytest.mark.parametrize("language", [*LANGUAGES, None])

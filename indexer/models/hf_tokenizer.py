@@ -29,6 +29,10 @@ __all__ = ["HfTokenizer"]
 
 # transformers' NllbTokenizer starts in English when the config names no source language
 NLLB_DEFAULT_LANGUAGE = "eng_Latn"
+# transformers' classes that pad on the left where the config does not say (the others pad on the right)
+LEFT_PADDING = frozenset(
+    {"GemmaTokenizer", "LlamaTokenizer", "CodeLlamaTokenizer", "CohereTokenizer", "Siglip2Tokenizer", "XLNetTokenizer"}
+)
 
 
 def _read_json(path: Path) -> dict:
@@ -62,10 +66,16 @@ class HfTokenizer:
         self.sep_id = self._id("sep_token", ("[SEP]", "</s>")) if strip_sep_token else None
         if self.family == "NllbTokenizer" or language is not None:  # another family refuses a language
             self.set_language(language or self.config.get("src_lang") or NLLB_DEFAULT_LANGUAGE)
-        # The file's own padding and truncation are replaced: open_clip asks for exactly the context length.
-        self.tokenizer.enable_truncation(max_length=context_length)
+        # The file's own padding and truncation are replaced: open_clip asks for exactly the context
+        # length, on the sides the config (or transformers' class for the family) names.
+        padding_side = self.config.get("padding_side") or ("left" if self.family in LEFT_PADDING else "right")
+        cut_side = self.config.get("truncation_side") or "right"
+        self.tokenizer.enable_truncation(max_length=context_length, direction=cut_side)
         self.tokenizer.enable_padding(
-            length=context_length, pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id)
+            direction=padding_side,
+            length=context_length,
+            pad_id=self.pad_id,
+            pad_token=self.tokenizer.id_to_token(self.pad_id),
         )
 
     def _id(self, name: str, fallbacks: tuple[str, ...]) -> int:
