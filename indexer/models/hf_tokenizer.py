@@ -6,11 +6,12 @@
 `folder` holds the model's `tokenizer.json` (run by the `tokenizers` library, in Rust) and, where
 the model has them, `tokenizer_config.json` and `special_tokens_map.json`, which name the pad and
 separator tokens. Around the file this applies what open_clip's HFTokenizer and transformers do:
-open_clip's cleaning, truncation to the context length (the special tokens kept), padding to it,
-`strip_sep_token` (CLIPA zeroes BERT's [SEP]), and NLLB's language code, which transformers puts
-in front of each text whatever the file's template says: the config's `src_lang`, else English.
-`language` (or `set_language`) chooses another, as transformers' `src_lang` does; open_clip's
-own `language` argument is lost, because transformers restores `src_lang` before every call.
+open_clip's cleaning; truncation to the context length (the special tokens kept) and padding to
+it, on the sides transformers uses (the config's, else the family's); `strip_sep_token` (CLIPA
+zeroes BERT's [SEP]); and NLLB's language code, which transformers puts in front of each text
+whatever the file's template says: the config's `src_lang`, else English. `language` (or
+`set_language`) chooses another, as transformers' `src_lang` does; open_clip's own `language`
+argument is lost, because transformers restores `src_lang` before every call.
 tests/test_hf_tokenizer.py holds it to open_clip's HFTokenizer on files in each family's format.
 """
 
