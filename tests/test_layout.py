@@ -18,6 +18,7 @@ ENGINES = {
     "torch": {"indexer.models.encoder", "indexer.models.onnx_export"},  # the exporter traces the torch model
     "open_clip": {"indexer.models.encoder", "indexer.models.onnx_export"},
     "huggingface_hub": {"indexer.models.hub"},  # the hub's cache and downloads, without torch
+    "tokenizers": {"indexer.models.hf_tokenizer"},
     "onnxruntime": {"indexer.models.onnx_encoder", "indexer.models.onnx_export"},  # the export quantises with it
     "faiss": {"indexer.store.vectors"},
     "sqlalchemy": {"indexer.store.catalog"},

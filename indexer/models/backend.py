@@ -132,7 +132,7 @@ def describe(model_id: ModelId) -> str:
 
 def exported(model_id: ModelId) -> bool | None:
     """Whether the model runs on the fast path: True where its export is ready, False where
-    exporting it was refused (with the torch and open_clip installed now), None where not tried."""
+    exporting it was refused (with the torch, open_clip and exporter installed now), None where not tried."""
     folder = export_dir(model_id)
     if _refusal(folder) is not None:
         return False
@@ -195,8 +195,13 @@ def _refusal_file(folder: Path) -> Path:
     return folder.with_name(folder.name + ".not-exportable.json")
 
 
-def _versions() -> dict[str, str]:
-    return {name: metadata.version(name) for name in ("torch", "open_clip_torch")}
+# What the exporter can export: raised whenever it learns a new kind of model (Hugging Face
+# tokenizers, for SigLIP and SigLIP 2), so that models it refused before are tried again.
+EXPORTER_REVISION = 2
+
+
+def _versions() -> dict[str, str | int]:
+    return {name: metadata.version(name) for name in ("torch", "open_clip_torch")} | {"exporter": EXPORTER_REVISION}
 
 
 def _refusal(folder: Path) -> str | None:

@@ -3,8 +3,9 @@
     encoder = OnnxEncoder(folder, model_id)      # an export made by indexer/onnx_export.py
     encoder.embed_texts(["a cat sunbathing"])    # (1, dim) float32, the torch path's vectors
 
-An export is a folder: the text and image towers as ONNX files, CLIP's vocabulary and a
-manifest.json saying which model they are (its ModelId), how to tokenise and preprocess, and
+An export is a folder: the text and image towers as ONNX files, the tokenizer's files (CLIP's
+merges, or a Hugging Face tokenizer's folder: SigLIP, SigLIP 2) and a manifest.json saying which
+model they are (its ModelId), how to tokenise and preprocess, and
 what each tower gave for a fixed probe when it was exported. Each tower also has a copy with
 8-bit weights; a query's text goes through it where the export measured it faithful (see
 OnnxEncoder). Each tower is loaded on its first use; its files must have their recorded sizes
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.errors import ModelError
+from indexer.models.hf_tokenizer import HfTokenizer
 from indexer.models.identity import ModelId
 from indexer.models.pixels import Preprocess, embed_in_batches
 from indexer.models.tokenizer import ClipTokenizer
@@ -140,7 +142,7 @@ class OnnxEncoder:
         self.model_id = model_id
         self.logit_scale: float = manifest["logit_scale"]
         self.preprocess = Preprocess.from_dict(manifest["image"]["preprocess"])
-        self._tokenizer: ClipTokenizer | None = None
+        self._tokenizer: ClipTokenizer | HfTokenizer | None = None
         self.int8_towers = frozenset({"text", "image"} if self._int8 == "all" else ())
         if self._int8 == "faithful":
             try:
@@ -154,13 +156,16 @@ class OnnxEncoder:
         return self.manifest["text"]["trim"]
 
     @property
-    def tokenizer(self) -> ClipTokenizer:
+    def tokenizer(self) -> ClipTokenizer | HfTokenizer:
         with self._tokenizer_lock:  # not self._lock: checking the text tower tokenises its probe
             if self._tokenizer is None:
                 text = self.manifest["text"]
-                self._tokenizer = ClipTokenizer(
-                    self.folder / text["vocab"], text["context_length"], text["clean"], tuple(text["special_tokens"])
-                )
+                vocab = self.folder / text["vocab"]
+                if text.get("tokenizer", "clip") == "hf":  # a manifest that names no tokenizer has CLIP's
+                    self._tokenizer = HfTokenizer(vocab, text["context_length"], text["clean"], text["strip_sep_token"])
+                else:
+                    special = tuple(text["special_tokens"])
+                    self._tokenizer = ClipTokenizer(vocab, text["context_length"], text["clean"], special)
             return self._tokenizer
 
     # -- embedding -------------------------------------------------------------------------

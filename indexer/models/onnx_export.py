@@ -5,9 +5,11 @@
 The text tower is exported on token sequences of any length, so queries embed only their real
 tokens, as the torch path does (where the tower allows it: see Encoder.text_pooling). Before the
 export is put in place, ONNX Runtime must reproduce torch's vectors for a probe text and a
-probe picture; its tokenizer and preprocessing must reproduce open_clip's. A model that cannot
-be exported (another tokenizer, another kind of preprocessing, an operator the exporter lacks)
-raises NotExportableError with the reason, and keeps the torch path.
+probe picture, and the torch-free tokenizer open_clip's token ids for the probe texts. The
+tokenizer's files go beside the towers: CLIP's merges, or a Hugging Face tokenizer's
+tokenizer.json and config (SigLIP, SigLIP 2). A model that cannot be exported (a tokenizer not
+ported, another kind of preprocessing, an operator the exporter lacks) raises NotExportableError
+with the reason, and keeps the torch path.
 
 Besides indexer/encoder.py, this is the one module that imports torch and open_clip.
 """
@@ -48,6 +50,7 @@ from indexer.models.tokenizer import read_merges
 __all__ = ["NotExportableError", "export"]
 
 VOCAB = "merges.txt"  # the merges CLIP uses, unzipped: 0.4 MB that a fresh process reads in milliseconds
+HF_TOKENIZER = "tokenizer"  # the folder of a Hugging Face tokenizer's files
 CLEANERS = {  # open_clip's cleaning functions by the names its configs (and indexer.models.tokenizer) use
     clip_tokenizer._clean_lower: "lower",
     clip_tokenizer._clean_whitespace: "whitespace",
@@ -87,8 +90,7 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        merges = read_merges(clip_tokenizer.default_bpe())
-        (work / VOCAB).write_text("\n".join(["#version: 0.2", *merges, ""]), encoding="utf-8")
+        _write_tokenizer(encoder, text, work)
         example = encoder.tokenizer([PROBE_TEXT, "a dog"])
         length = Dim("length", min=2, max=text["context_length"]) if text["trim"] else None
         text["files"] = _export(_Text(encoder.model, encoder.text_pooling), example, length, work / "text.onnx")
@@ -116,34 +118,40 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
 
 def _text_settings(encoder: Encoder) -> dict:
     tokenizer = encoder.tokenizer
-    if not isinstance(tokenizer, clip_tokenizer.SimpleTokenizer) or tokenizer.reduction_fn is not None:
+    if isinstance(tokenizer, clip_tokenizer.HFTokenizer) and not tokenizer.tokenizer_mode:
+        settings = {"tokenizer": "hf", "vocab": HF_TOKENIZER, "strip_sep_token": tokenizer.strip_sep_token}
+    elif isinstance(tokenizer, clip_tokenizer.SimpleTokenizer) and tokenizer.reduction_fn is None:
+        special = [tokenizer.decoder[i] for i in tokenizer.all_special_ids]
+        settings = {"tokenizer": "clip", "vocab": VOCAB, "special_tokens": special}
+    else:
         raise NotExportableError(f"{encoder.model_id.architecture} uses a tokenizer not ported to the ONNX path")
     if tokenizer.clean_fn not in CLEANERS:
         raise NotExportableError(f"{encoder.model_id.architecture} cleans its texts in a way that is not ported")
     pooling = encoder.text_pooling
     return {
         "model": "text.onnx",
-        "vocab": VOCAB,
+        **settings,
         "context_length": tokenizer.context_length,
         "clean": CLEANERS[tokenizer.clean_fn],
-        "special_tokens": [tokenizer.decoder[i] for i in tokenizer.all_special_ids],
         "trim": pooling is not None,
         "pool": pooling[1] if pooling else "argmax",
         "eos_id": eos_id(pooling[0]) if pooling else None,
     }
 
 
+def _write_tokenizer(encoder: Encoder, text: dict, work: Path) -> None:
+    """The tokenizer's files beside the towers: CLIP's merges, or the Hugging Face tokenizer as
+    open_clip holds it (its tokenizer.json and the config naming its special tokens)."""
+    if text["tokenizer"] == "hf":
+        encoder.tokenizer.save_pretrained(str(work / HF_TOKENIZER))
+    else:
+        merges = read_merges(clip_tokenizer.default_bpe())
+        (work / VOCAB).write_text("\n".join(["#version: 0.2", *merges, ""]), encoding="utf-8")
+
+
 def _image_settings(encoder: Encoder) -> dict:
-    config = encoder.model.visual.preprocess_cfg
-    size = config["size"]
     try:
-        preprocess = Preprocess(
-            (size, size) if isinstance(size, int) else tuple(size),
-            tuple(config["mean"]),
-            tuple(config["std"]),
-            config.get("interpolation", "bicubic"),
-            config.get("resize_mode", "shortest"),
-        )
+        preprocess = Preprocess.from_open_clip(encoder.model.visual.preprocess_cfg)
     except ValueError as error:
         raise NotExportableError(f"{encoder.model_id.architecture}: {error}") from None
     picture = probe_picture().resize((301, 257))
@@ -182,6 +190,9 @@ def _quiet():
 def _check(work: Path, encoder: Encoder) -> None:
     """The export must reproduce torch through ONNX Runtime, with our tokenizer and preprocessing."""
     exported = OnnxEncoder(work, encoder.model_id, int8="none")
+    texts = list(INT8_PROBE_TEXTS)
+    if not np.array_equal(exported.tokenizer(texts), encoder.tokenizer(texts).numpy()):
+        raise NotExportableError(f"{encoder.model_id.architecture}'s tokenizer is not reproduced without torch")
     try:
         exported.embed_texts([PROBE_TEXT])
         exported.embed_images([probe_picture()])

@@ -4,8 +4,10 @@
     pixels = preprocess(image)    # (3, 224, 224) float32, as open_clip's transform gives
 
 The steps are torchvision's, on the same PIL calls, so the numbers are the same: resize the
-shorter side to the model's size (or squash to it), crop the centre, scale to [0, 1], normalise
-per channel. tests/test_pixels.py holds it to open_clip's transform.
+shorter side to the model's size and crop the centre (CLIP, MobileCLIP), or squash to a square
+without cropping (SigLIP, SigLIP 2, NLLB-SigLIP, CLIPA, DFN, PE-Core); scale to [0, 1];
+normalise per channel with the model's mean and std. tests/test_pixels.py holds it to open_clip's
+transform for each family's settings.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image
 __all__ = ["INTERPOLATIONS", "RESIZE_MODES", "Preprocess", "embed_in_batches"]
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" pads instead of cropping: not ported
+RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" pads instead of cropping: no pretrained tag uses it
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,21 @@ class Preprocess:
         width, height = image.size
         top, left = round((height - self.size[0]) / 2), round((width - self.size[1]) / 2)
         return image.crop((left, top, left + self.size[1], top + self.size[0]))
+
+    @classmethod
+    def from_open_clip(cls, config: dict) -> Preprocess:
+        """From an open_clip model's `visual.preprocess_cfg` (its tag's settings over open_clip's
+        defaults, at the model's input size). ValueError names what is not ported."""
+        if config.get("mode", "RGB") != "RGB":
+            raise ValueError(f"unsupported preprocessing: pictures in {config['mode']} mode")
+        size = config["size"]
+        return cls(
+            (size, size) if isinstance(size, int) else tuple(size),
+            tuple(config["mean"]),
+            tuple(config["std"]),
+            config.get("interpolation") or "bicubic",  # open_clip reads an unset one as its default
+            config.get("resize_mode") or "shortest",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
