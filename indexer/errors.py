@@ -27,6 +27,10 @@ class ModelError(ClipseekError):
     """A model cannot be built, or its weights are not available here."""
 
 
+class DeviceError(ModelError):
+    """The device asked for is not on this machine, or nothing installed here can use it."""
+
+
 class CheckpointError(ModelError):
     """A checkpoint file is missing, unreadable, unsafe to load, or does not fit the architecture."""
 

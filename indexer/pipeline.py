@@ -24,7 +24,7 @@ import numpy as np
 
 from indexer.config import IndexSettings, ListSource, RaySettings, index_dir
 from indexer.errors import BadFileError, ClipseekError
-from indexer.models import backend, hub
+from indexer.models import backend, devices, hub
 from indexer.models.backend import encoder_for
 from indexer.models.identity import DEFAULT_MODEL
 from indexer.sources.captions import read_captions
@@ -49,6 +49,7 @@ class IndexReport:
     failed: int = 0
     known_failures: int = 0  # failed before and unchanged since: not tried again
     captions: int = 0  # a list's captions, added to its collection
+    device: str | None = None  # where pictures were embedded, when some were: "cuda:0 (torch, float16)"
     interrupted: bool = False
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -81,13 +82,19 @@ class Indexer:
     """Indexes folders and caption files into a Store opened for writing.
 
     `encoder` is a callable that loads the model: it is called only when something has to be
-    embedded, so a rescan of an unchanged library never loads torch.
+    embedded, so a rescan of an unchanged library never loads torch. `device`: the device asked
+    for, which Ray's model actors place themselves (see indexer.models.devices).
     """
 
     def __init__(
-        self, store: Store, encoder: Callable[[], Encoder | OnnxEncoder], settings: IndexSettings | None = None
+        self,
+        store: Store,
+        encoder: Callable[[], Encoder | OnnxEncoder],
+        settings: IndexSettings | None = None,
+        device: str = "auto",
     ):
         self.store = store
+        self.device = device
         self._load_encoder = encoder
         self._encoder: Encoder | OnnxEncoder | None = None
         self._encoder_lock = threading.Lock()  # decoding workers may be the first to need it
@@ -102,8 +109,10 @@ class Indexer:
         checkpoint: str | os.PathLike | None = None,
         settings: IndexSettings | None = None,
         offline: bool | None = None,
+        device: str = "auto",
     ) -> Indexer:
-        """Open (or create) an index for writing, with its model.
+        """Open (or create) an index for writing, with its model, to embed on `device` ("auto",
+        "cpu", "cuda", "cuda:N", "mps"; see indexer.models.devices).
 
         A new index loads the model asked for (default ViT-B-32 / laion2b_s34b_b79k), downloading
         its weights once where they are missing unless `offline` (None: CLIPSEEK_OFFLINE or
@@ -111,6 +120,7 @@ class Indexer:
         is removed again. An existing index reloads its own model when it first needs it; asking
         for another model is a ModelMismatchError.
         """
+        placement = devices.place(device)  # a device that is not there fails before anything is made
         root = index_dir(index)
         made = not root.exists()
         store = Store.open(root, write=True, create=True)
@@ -120,10 +130,11 @@ class Indexer:
                 hub.prepare(model, pretrained, checkpoint, offline=offline)  # fails fast, before torch
                 from indexer.models.encoder import load_encoder  # torch: only where a model is needed
 
-                encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, offline=offline)
+                encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, device="cpu", offline=offline)
                 store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
-                embedder = backend.load(encoder.model_id, lambda: encoder)  # the ONNX export is made now
-                return cls(store, lambda: embedder, settings)
+                # The ONNX export is made now (traced on the CPU), before the model moves to its device.
+                embedder = backend.load(encoder.model_id, lambda: encoder, placement=placement)
+                return cls(store, lambda: embedder, settings, device)
             for asked, has in ((model, stored.architecture), (pretrained, stored.pretrained)):
                 if asked is not None and asked != has:
                     raise store.mismatch(asked)
@@ -134,7 +145,7 @@ class Indexer:
                 shutil.rmtree(root, ignore_errors=True)
             raise
 
-        return cls(store, lambda: encoder_for(store, checkpoint, offline), settings)
+        return cls(store, lambda: encoder_for(store, checkpoint, offline, placement), settings, device)
 
     def close(self) -> None:
         self.store.close()
@@ -223,7 +234,7 @@ class Indexer:
     def _embed_on_ray(self, todo: list[FileEntry], settings: RaySettings, report: IndexReport, progress) -> None:
         ray_pipeline, shards = _ray_modules()
         if todo:
-            model = ray_pipeline.ModelSource(self.store.model_id, self.store.model_checkpoint)
+            model = ray_pipeline.ModelSource(self.store.model_id, self.store.model_checkpoint, self.device)
             ray_pipeline.embed(todo, model, self.encoder.preprocess, shards.shard_dir(self.store), settings)
         self._ingest_shards(report, progress)
 
@@ -239,7 +250,7 @@ class Indexer:
         ray_pipeline, shards = _ray_modules()
         self._ingest_shards(report, progress)  # what a killed run left
         known = set(self.store.catalog.images()) | set(self.store.catalog.failures())
-        model = ray_pipeline.ModelSource(self.store.model_id, self.store.model_checkpoint)
+        model = ray_pipeline.ModelSource(self.store.model_id, self.store.model_checkpoint, self.device)
         ray_pipeline.embed_list(source, known, model, self.encoder.preprocess, shards.shard_dir(self.store), ray)
         self._ingest_shards(report, progress)
         report.found = report.embedded + report.failed
@@ -381,6 +392,9 @@ class _Run:
                     self._copy_or_decode(work, writer)
             decoded = [work for work in batch if work.failure is None and work.pixels is not None]
             vectors = self.indexer.encoder.embed_preprocessed([w.pixels for w in decoded]) if decoded else []
+            if decoded:
+                report.device = self.indexer.encoder.runs_on
+                writer.record_device(report.device)
             writer.add_images([_new_image(work, vector) for work, vector in zip(decoded, vectors, strict=True)])
             report.embedded += len(decoded)
             self.known_hashes.update(work.sha256 for work in decoded)

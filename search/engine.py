@@ -28,6 +28,7 @@ import numpy as np
 
 from indexer.config import index_dir
 from indexer.errors import BadFileError, ItemNotFoundError, PixelBudgetError, QueryError
+from indexer.models.devices import CPU, Placement, place
 from indexer.sources.pictures import decode_image, to_rgb
 from indexer.store import MODALITIES, Filters, Store
 from search.query import Hit, Query
@@ -64,9 +65,11 @@ class SearchEngine:
         offline: bool | None = None,
         *,
         max_pixels: int | None = None,
+        placement: Placement = CPU,
     ):
         self.store = store
         self.max_pixels = max_pixels
+        self._placement = placement
         self._checkpoint = checkpoint
         self._offline = offline
         self._encoder: Encoder | OnnxEncoder | None = None
@@ -81,18 +84,21 @@ class SearchEngine:
         offline: bool | None = None,
         *,
         max_pixels: int | None = None,
+        device: str = "auto",
     ) -> SearchEngine:
         """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved
         (they must be the same weights). The model's weights, when missing from the cache, download
         on first use unless `offline` (None: CLIPSEEK_OFFLINE or HF_HUB_OFFLINE say). `max_pixels`:
-        the pixel budget of pictures given to it."""
+        the pixel budget of pictures given to it. `device`: where queries embed ("auto": a GPU only
+        through ONNX Runtime's CUDA provider; see indexer.models.devices)."""
+        placement = place(device, queries=True)  # a device that is not there fails before the index opens
         store = Store.open(index_dir(index))
         try:
             store.check_checkpoint(checkpoint)
         except BaseException:
             store.close()
             raise
-        return cls(store, checkpoint, offline, max_pixels=max_pixels)
+        return cls(store, checkpoint, offline, max_pixels=max_pixels, placement=placement)
 
     def close(self) -> None:
         self.store.close()
@@ -110,7 +116,7 @@ class SearchEngine:
             if self._encoder is None:
                 from indexer.models.backend import encoder_for
 
-                self._encoder = encoder_for(self.store, self._checkpoint, self._offline)
+                self._encoder = encoder_for(self.store, self._checkpoint, self._offline, self._placement)
             return self._encoder
 
     # -- queries ---------------------------------------------------------------------------

@@ -12,6 +12,9 @@ uses an export; CLIPSEEK_BACKEND=onnx fails rather than fall back to torch; CLIP
 is `onnx` with the export's 8-bit towers for pictures too (opt-in: about twice as fast, slightly
 different vectors). Queries' texts take the 8-bit text tower wherever the export measured it
 faithful (OnnxEncoder).
+
+The device (indexer.models.devices) comes first: a GPU that only torch can use makes torch embed
+whatever the backend, except `onnx` and `int8`, which then fail with what to install.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from indexer.config import cache_home
 from indexer.errors import ClipseekError, ClipseekWarning, ModelError, ModelMismatchError
-from indexer.models import hub
+from indexer.models import devices, hub
 from indexer.models.identity import DEMO_MODEL, ModelId
 from indexer.models.onnx_encoder import INT8_COSINE, ExportBrokenError, OnnxEncoder, read_manifest
 
@@ -58,16 +61,34 @@ def export_dir(model_id: ModelId) -> Path:
     return cache_home() / "models" / f"{safe}-{key}"
 
 
-def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | None = None) -> Encoder | OnnxEncoder:
-    """An encoder for `model_id`: its export through ONNX Runtime where there is (or can be) one, else torch.
+def load(
+    model_id: ModelId,
+    load_torch: Callable[[], Encoder],
+    backend: str | None = None,
+    placement: devices.Placement = devices.CPU,
+) -> Encoder | OnnxEncoder:
+    """An encoder for `model_id` on `placement`'s device: its export through ONNX Runtime where
+    there is (or can be) one and ONNX Runtime can use the device, else torch.
 
-    `load_torch` loads the model with torch; it is called only to make the export or to embed.
+    `load_torch` loads the model with torch on the CPU; it is called only to make the export or
+    to embed (then moved to the device).
     """
     backend = backend or chosen()
-    if backend == "torch":
-        return load_torch()
-    folder = export_dir(model_id)
     with_torch = functools.cache(load_torch)  # loaded at most once, and only if needed
+
+    def on_device() -> Encoder:
+        return with_torch().to_device(placement.device)
+
+    if placement.runtime == devices.TORCH:
+        if backend in ("onnx", "int8"):
+            raise ModelError(
+                f"CLIPSEEK_BACKEND={backend}, but ONNX Runtime cannot use {placement.device} here: "
+                "pip install 'clipseek[gpu]' for its CUDA provider, or use --device cpu"
+            )
+        return on_device()
+    if backend == "torch":
+        return on_device()
+    folder = export_dir(model_id)
 
     def rebuild(error: ExportBrokenError) -> None:
         warnings.warn(f"{error}; exporting it again", ClipseekWarning, stacklevel=2)
@@ -79,9 +100,9 @@ def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | No
     if refused is not None:
         if backend != "auto":
             raise ModelError(f"{model_id} has no ONNX path: {refused}")
-        return with_torch()
+        return on_device()
     try:
-        return OnnxEncoder(folder, model_id, rebuild_if_possible, int8)
+        return OnnxEncoder(folder, model_id, rebuild_if_possible, int8, placement.device)
     except ExportBrokenError as error:
         if rebuild_if_possible is None:
             raise ModelError(f"{error}, and torch is not installed to export it again") from None
@@ -95,8 +116,8 @@ def load(model_id: ModelId, load_torch: Callable[[], Encoder], backend: str | No
         _refuse(folder, str(error))
         if backend != "auto":
             raise
-        return with_torch()
-    return OnnxEncoder(folder, model_id, rebuild_if_possible, int8)
+        return on_device()
+    return OnnxEncoder(folder, model_id, rebuild_if_possible, int8, placement.device)
 
 
 def _export(encoder: Encoder, folder: Path) -> None:
@@ -143,7 +164,10 @@ def exported(model_id: ModelId) -> bool | None:
 
 
 def encoder_for(
-    store: Store, checkpoint: str | os.PathLike | None = None, offline: bool | None = None
+    store: Store,
+    checkpoint: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    placement: devices.Placement = devices.CPU,
 ) -> Encoder | OnnxEncoder:
     """The model an index was made with (see encoder_of), from the checkpoint path the index
     recorded unless `checkpoint` says where the file is now (Indexer.open and SearchEngine.open
@@ -151,15 +175,16 @@ def encoder_for(
     stored = store.model_id
     if stored is None:
         raise ClipseekError(f"the index at {store.root} has no model yet: index something into it first")
-    return encoder_of(stored, checkpoint or store.model_checkpoint, offline)
+    return encoder_of(stored, checkpoint or store.model_checkpoint, offline, placement)
 
 
 def encoder_of(
     model_id: ModelId,
     checkpoint: str | os.PathLike | None = None,
     offline: bool | None = None,
+    placement: devices.Placement = devices.CPU,
 ) -> Encoder | OnnxEncoder:
-    """An encoder for `model_id`: its ONNX export where there is one (`load`), else torch.
+    """An encoder for `model_id` on `placement`: its ONNX export where there is one (`load`), else torch.
 
     Torch takes the weights from `checkpoint` when the model came from a file, else by
     architecture and tag (the bundled demo model included; downloaded once where missing, unless
@@ -175,7 +200,7 @@ def encoder_of(
         hub.prepare(model_id.architecture, model_id.pretrained, checkpoint, offline=offline)  # before torch
         from indexer.models.encoder import load_encoder  # torch: only where a model is needed
 
-        encoder = load_encoder(model_id.architecture, model_id.pretrained, checkpoint, offline=offline)
+        encoder = load_encoder(model_id.architecture, model_id.pretrained, checkpoint, device="cpu", offline=offline)
         if encoder.model_id == model_id:
             return encoder
         if model_id.architecture == DEMO_MODEL and checkpoint is None:  # new bundled weights since
@@ -185,7 +210,7 @@ def encoder_of(
             )
         raise ModelMismatchError(f"the weights found are of {encoder.model_id}, not of the index's model {model_id}")
 
-    return load(model_id, load_torch)
+    return load(model_id, load_torch, placement=placement)
 
 
 # -- models that cannot be exported -------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.errors import ModelError
+from indexer.errors import DeviceError, ModelError
 from indexer.models.hf_tokenizer import HfTokenizer
 from indexer.models.identity import ModelId
 from indexer.models.pixels import Preprocess, embed_in_batches
@@ -39,6 +39,7 @@ __all__ = [
     "PROBE_TEXT",
     "ExportBrokenError",
     "OnnxEncoder",
+    "cuda_provider",
     "file_checksum",
     "probe_picture",
 ]
@@ -80,6 +81,13 @@ def probe_picture() -> Image.Image:
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
 
 
+def cuda_provider() -> bool:
+    """Whether this ONNX Runtime has its CUDA provider (the onnxruntime-gpu package)."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def file_checksum(path: Path) -> int:
     """CRC-32 of a file: it catches damage to any weight, which the probes alone would not (a
     token's embedding row only matters to texts with that token); 0.04 s for ViT-B-32's text tower."""
@@ -111,6 +119,7 @@ class OnnxEncoder:
         model_id: ModelId,
         rebuild: Callable[[ExportBrokenError], None] | None = None,
         int8: str = "faithful",
+        device: str = "cpu",
     ):
         """Open the export in `folder`, which must be of `model_id`. `rebuild` makes the export
         again (it needs torch); a tower found damaged is rebuilt once, else it is an error.
@@ -118,10 +127,13 @@ class OnnxEncoder:
         text tower where the export measured every INT8_PROBE_TEXTS within INT8_COSINE of
         float32: a query's text is embedded on every request, and reading a quarter of the
         weights halves its latency; pictures, embedded once for the index, stay float32),
-        "all" (opt-in: both, about twice as fast, slightly different vectors) or "none"."""
+        "all" (opt-in: both, about twice as fast, slightly different vectors) or "none".
+        `device`: "cpu", or "cuda:N" for ONNX Runtime's CUDA provider on that GPU (pictures and
+        texts in float32 there; the int8 text tower, where used, runs on the CPU provider)."""
         if int8 not in ("faithful", "all", "none"):
             raise ValueError(f"int8 must be 'faithful', 'all' or 'none', not {int8!r}")
         self.folder = Path(folder)
+        self.device = device
         self._int8 = int8
         self._rebuild = rebuild
         self._lock = threading.Lock()
@@ -150,6 +162,11 @@ class OnnxEncoder:
             except (KeyError, TypeError) as error:
                 raise ExportBrokenError(f"the ONNX export at {self.folder} has no int8 measurement ({error})") from None
             self.int8_towers = frozenset({"text"} if faithful else ())
+
+    @property
+    def runs_on(self) -> str:
+        """Where pictures embed, for the run's summary and `clipseek status`."""
+        return f"{self.device} (ONNX Runtime)"
 
     @property
     def trims_text(self) -> bool:
@@ -253,10 +270,11 @@ class OnnxEncoder:
         # workers (warm text queries: p50 36 → 24 ms, p99 72 → 31 ms on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         failure = None
+        providers: list = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda"):
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(self.device.partition(":")[2] or 0)}))
         try:
-            session = onnxruntime.InferenceSession(
-                str(self.folder / entry["model"]), options, providers=["CPUExecutionProvider"]
-            )
+            session = onnxruntime.InferenceSession(str(self.folder / entry["model"]), options, providers=providers)
         except Exception as error:  # onnxruntime has its own exception for each kind of damage
             failure = error
         checking.join()
@@ -265,6 +283,13 @@ class OnnxEncoder:
         if failure is not None:
             message = f"the ONNX export's {entry['model']} at {self.folder} is damaged ({failure})"
             raise ExportBrokenError(message) from None
+        if len(providers) > 1 and "CUDAExecutionProvider" not in session.get_providers():
+            # ONNX Runtime falls back to the CPU, with a warning, where CUDA's libraries do not load.
+            raise DeviceError(
+                f"ONNX Runtime could not start its CUDA provider on {self.device} (CUDA or cuDNN libraries "
+                "missing or of another version): install the CUDA and cuDNN that onnxruntime-gpu names, "
+                "or use --device cpu"
+            )
         if not check:
             return session
         cosine = float(self._probe(tower, session) @ np.asarray(entry["probe"], np.float32))

@@ -44,10 +44,13 @@ PICTURE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # WebDataset sample members, 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What a worker needs to load the index's model: its identity and, if it came from a file, the file."""
+    """What a worker needs to load the index's model: its identity and, if it came from a file, the
+    file; and the device asked for (a model actor given a GPU by Ray embeds on it whatever it says,
+    except "cpu", which asks Ray for no GPU)."""
 
     model_id: ModelId
     checkpoint: str | None
+    device: str = "auto"
 
 
 def embed(entries: Sequence[FileEntry], model: ModelSource, preprocess: Callable, out: Path, settings: RaySettings):
@@ -148,7 +151,7 @@ def _write(dataset, model: ModelSource, preprocess: Callable, out: Path, setting
         compute=ray.data.ActorPoolStrategy(size=settings.workers),
         batch_size=settings.batch_size,
         batch_format="numpy",
-        num_gpus=1 if gpus >= settings.workers else 0,
+        num_gpus=1 if gpus >= settings.workers and model.device != "cpu" else 0,
     )
     try:
         dataset.write_parquet(str(out), min_rows_per_file=SHARD_ROWS)
@@ -249,9 +252,12 @@ class _Embedder:
     """A model actor: loads the index's model once, then embeds batch after batch."""
 
     def __init__(self, model: ModelSource):
+        from indexer.models import devices
         from indexer.models.backend import encoder_of  # in the worker: the same choice of runtime as everywhere
 
-        self.encoder = encoder_of(model.model_id, model.checkpoint)
+        # Ray shows an actor only the GPU it was given (CUDA_VISIBLE_DEVICES), as cuda:0.
+        placement = devices.place("cuda:0" if ray.get_gpu_ids() else model.device)
+        self.encoder = encoder_of(model.model_id, model.checkpoint, placement=placement)
 
     def __call__(self, batch: dict) -> dict:
         good = np.flatnonzero(batch["failure"] == "")

@@ -69,6 +69,7 @@ class StoreStatus:
     counts: list[tuple[str, str | None, int]]  # (modality, collection, items)
     failures: int
     bytes_on_disk: dict[str, int]
+    embedded_on: str | None = None  # where the latest pictures were embedded: "cpu (ONNX Runtime)"
 
 
 class Store:
@@ -422,6 +423,7 @@ class Store:
             counts=self.catalog.counts(),
             failures=self.catalog.failure_count(),
             bytes_on_disk=sizes,
+            embedded_on=self.catalog.get("embedded_on"),
         )
 
 

@@ -72,6 +72,10 @@ class StoreWriter:
     def forget_failures(self, paths: list[bytes]) -> None:
         self._writer.forget_failures(paths)
 
+    def record_device(self, runs_on: str) -> None:
+        """Where the pictures of this transaction were embedded ("cuda:0 (torch, float16)"), for status."""
+        self._writer.set("embedded_on", runs_on)
+
 
 def take_writer_lock(root: Path) -> int:
     """flock on writer.lock: one writer at a time, released by the OS even on kill -9."""

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from search.cli.options import index_option, json_option, model_options, options
+from search.cli.options import device_option, index_option, json_option, model_options, options
 
 
-def _open_indexer(index, model, pretrained, checkpoint):
+def _open_indexer(index, model, pretrained, checkpoint, device="auto"):
     from indexer.config import index_dir
     from indexer.models import hub
 
@@ -24,7 +24,7 @@ def _open_indexer(index, model, pretrained, checkpoint):
         hub.prepare(model, pretrained, checkpoint)
     from indexer.pipeline import Indexer
 
-    return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint)
+    return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device)
 
 
 @contextmanager
@@ -81,6 +81,7 @@ index_type_options = options(
 @click.option("--caption-column", metavar="NAME", help="Lists: the column of captions [caption, TEXT, text].")
 @click.option("--collection", metavar="NAME", help="Lists: the collection their captions join [the list's name].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@device_option
 @json_option
 def index(
     paths,
@@ -97,6 +98,7 @@ def index(
     caption_column,
     collection,
     quiet,
+    device,
     as_json,
 ):
     """Index the pictures in PATHS (folders or files), or those that lists name (with --ray).
@@ -121,7 +123,7 @@ def index(
     if lists and ray is None:
         raise click.UsageError("lists and WebDataset shards are read on Ray: add --ray")
 
-    with _open_indexer(index, model, pretrained, checkpoint) as indexer, _stop_on_interrupt() as stop:
+    with _open_indexer(index, model, pretrained, checkpoint, device) as indexer, _stop_on_interrupt() as stop:
         # Made once the model is there, so that its download's bar comes first and the rate is the run's.
         bar = tqdm(unit="img", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
 
@@ -138,7 +140,8 @@ def index(
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
-        parts = [f"{report.embedded} embedded"] + [
+        where = f" on {report.device}" if report.device else ""
+        parts = [f"{report.embedded} embedded{where}"] + [
             f"{count} {name}"
             for name, count in (
                 ("captions added", report.captions),
@@ -261,6 +264,8 @@ def status(index, list_failures, as_json):
         click.echo(json.dumps(document, indent=2))
         return
     rows = [("index", state.path), ("model", str(state.model or "none yet")), ("embeds", runtime)]
+    if state.embedded_on:
+        rows.append(("embedded", f"the latest pictures on {state.embedded_on}"))
     rows.append(("search", state.index_type))
     for number, (modality, collection, count) in enumerate(state.counts):
         label = f"{count} {modality}s" + (f" in collection '{collection}'" if collection else "")

@@ -64,6 +64,31 @@ max_pixels_option = click.option(
     show_default=True,
     help="Refuse pictures of more pixels (50M: 50 megapixels; or 8000x6000), from their header, before decoding.",
 )
+
+
+class Device(click.ParamType):
+    """A device to embed on: auto, cpu, cuda, cuda:N or mps (checked to exist when the command runs)."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from indexer.errors import DeviceError
+        from indexer.models.devices import parse
+
+        try:
+            return parse(str(value))
+        except DeviceError as error:
+            self.fail(str(error), param, ctx)
+
+
+device_option = click.option(
+    "--device",
+    type=Device(),
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda|cuda:N|mps",
+    help="Where the model embeds; auto: an NVIDIA GPU where one can be used, else the CPU.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 
 

@@ -9,6 +9,7 @@ import re
 import click
 
 from search.cli.options import (
+    device_option,
     index_option,
     json_option,
     max_pixels_option,
@@ -85,6 +86,7 @@ def _cap(k: int) -> int:
 @output_options
 @index_option
 @weights_option
+@device_option
 def search(
     text,
     image,
@@ -104,6 +106,7 @@ def search(
     paths_only,
     index,
     checkpoint,
+    device,
 ):
     """Find pictures (or, with --texts, captions) nearest to a text, a picture or a mix.
 
@@ -118,7 +121,7 @@ def search(
     query = _query(text, image, item, add, subtract, add_image)
     if path_filter and not path_filter.startswith(("/", "*", "?", "[")):
         path_filter = os.path.abspath(path_filter)
-    with SearchEngine.open(index, checkpoint) as engine:
+    with SearchEngine.open(index, checkpoint, device=device) as engine:
         hits = engine.search(
             query,
             k=_cap(k),

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from search.cli.options import index_option, max_pixels_option, weights_option
+from search.cli.options import device_option, index_option, max_pixels_option, weights_option
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -63,6 +63,7 @@ def _public_url(ctx, param, text: str | None) -> str:
     help="Where clients reach the server (behind a proxy); URLs in answers start with it. Default: relative URLs.",
 )
 @weights_option
+@device_option
 def serve(
     index,
     host,
@@ -78,6 +79,7 @@ def serve(
     cors,
     public_url,
     checkpoint,
+    device,
 ):
     """Serve the HTTP API and the search page for an index.
 
@@ -114,7 +116,7 @@ def serve(
         public_url=public_url,
         **{name: value for name, value in (("workers", workers), ("queue", queue)) if value is not None},
     )
-    engine = SearchEngine.open(index, checkpoint, max_pixels=max_pixels)
+    engine = SearchEngine.open(index, checkpoint, max_pixels=max_pixels, device=device)
     click.echo(f"loading the model of {engine.store.root} …", err=True)
     engine.encoder  # noqa: B018 — loaded now, so the first query does not wait for it
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning", timeout_keep_alive=30)
