@@ -85,7 +85,7 @@ def test_the_terminal_shows_only_clipseeks_own_lines(indexed):
     stderr, _, library = indexed
     lines = stderr.splitlines()
     assert all(OWN_LINES.fullmatch(line) for line in lines), stderr
-    assert lines[-2].endswith(": 6 embedded, 1 failed")
+    assert lines[-2].endswith(": 6 embedded on cpu (ONNX Runtime), 1 failed")
     # Pillow's own log line explains the one failure, in its reason and nowhere else
     assert lines[-1] == (
         f"  failed: {library / 'many-samples.tif'}: not a picture in a supported format ({', '.join(FORMATS)}) "
