@@ -7,7 +7,7 @@ DEV := $(VENV)/.clipseek-dev-installed
 DEMO_DIR ?= .demo
 DEMO_QUERY ?= a large red circle
 
-.PHONY: demo test lint bench bench-10m install install-check clean
+.PHONY: demo test lint bench bench-10m gpu-check gpu-wheels install install-check clean
 
 install: $(BASE)
 
@@ -56,6 +56,17 @@ bench: $(DEV)
 bench-10m: $(DEV)
 	$(BIN)/python -m tests.bench.ann_10m --out bench-10m-report.json $(if $(BENCH_DIR),--dir $(BENCH_DIR))
 
+# Indexing on a GPU (tests/bench/gpu_check.py): the report goes to $(OUT), else gpu-check/. On a
+# machine without the network, run tests/bench/gpu_check.sh with the wheels of gpu-wheels/ instead.
+gpu-check: $(DEV)
+	OUT=$${OUT:-gpu-check} $(BIN)/python -m tests.bench.gpu_check
+
+# The wheels gpu_check.sh installs (tests/bench/gpu_wheels.py), for the GPU machine's Python:
+# make gpu-wheels GPU_PYTHON=3.12
+gpu-wheels: $(DEV)
+	$(BIN)/python -m tests.bench.gpu_wheels $(if $(GPU_PYTHON),--python-version $(GPU_PYTHON))
+	du -sh gpu-wheels
+
 # A new user's install: clipseek alone (no extras) in a fresh venv from this checkout. The demo
 # model indexes and searches, and `serve` says which extra it needs.
 install-check:
@@ -69,4 +80,4 @@ install-check:
 	rm -rf .install-check
 
 clean:
-	rm -rf $(DEMO_DIR) .install-check bench-report.json bench-report.md bench-10m-report.json .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) .install-check gpu-check .gpu-venv bench-report.json bench-report.md bench-10m-report.json .pytest_cache .ruff_cache
