@@ -49,7 +49,13 @@ class IndexSettings:
     """How an indexing run works; the defaults suit a laptop."""
 
     batch_size: int = 32  # images per model call and per committed transaction
-    workers: int = max(1, min(4, os.cpu_count() or 1))  # decoding threads, overlapping the model
+    workers: int | None = None  # decoding threads, overlapping the model; None: decoding_threads decides
+
+    def decoding_threads(self, gpu: bool) -> int:
+        """`workers`, else every core where a GPU embeds, and up to 4 where the CPU embeds too
+        (the model's own threads need the other cores)."""
+        cores = os.cpu_count() or 1
+        return self.workers or (cores if gpu else max(1, min(4, cores)))
 
 
 @dataclass(frozen=True)

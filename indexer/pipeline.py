@@ -83,7 +83,8 @@ class Indexer:
 
     `encoder` is a callable that loads the model: it is called only when something has to be
     embedded, so a rescan of an unchanged library never loads torch. `device`: the device asked
-    for, which Ray's model actors place themselves (see indexer.models.devices).
+    for, which Ray's model actors place themselves (see indexer.models.devices); `placement`: where
+    `encoder` embeds, which sets how many threads decode (IndexSettings.decoding_threads).
     """
 
     def __init__(
@@ -92,9 +93,11 @@ class Indexer:
         encoder: Callable[[], Encoder | OnnxEncoder],
         settings: IndexSettings | None = None,
         device: str = "auto",
+        placement: devices.Placement = devices.CPU,
     ):
         self.store = store
         self.device = device
+        self.placement = placement
         self._load_encoder = encoder
         self._encoder: Encoder | OnnxEncoder | None = None
         self._encoder_lock = threading.Lock()  # decoding workers may be the first to need it
@@ -134,7 +137,7 @@ class Indexer:
                 store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
                 # The ONNX export is made now (traced on the CPU), before the model moves to its device.
                 embedder = backend.load(encoder.model_id, lambda: encoder, placement=placement)
-                return cls(store, lambda: embedder, settings, device)
+                return cls(store, lambda: embedder, settings, device, placement)
             for asked, has in ((model, stored.architecture), (pretrained, stored.pretrained)):
                 if asked is not None and asked != has:
                     raise store.mismatch(asked)
@@ -145,7 +148,7 @@ class Indexer:
                 shutil.rmtree(root, ignore_errors=True)
             raise
 
-        return cls(store, lambda: encoder_for(store, checkpoint, offline, placement), settings, device)
+        return cls(store, lambda: encoder_for(store, checkpoint, offline, placement), settings, device, placement)
 
     def close(self) -> None:
         self.store.close()
@@ -334,7 +337,8 @@ class _Run:
         settings = self.indexer.settings
         self.side = self.store.model_id.side
         done = 0
-        with ThreadPoolExecutor(settings.workers, thread_name_prefix="clipseek-decode") as pool:
+        threads = settings.decoding_threads(self.indexer.placement.gpu)
+        with ThreadPoolExecutor(threads, thread_name_prefix="clipseek-decode") as pool:
             for work in _ordered(pool, self._look, todo, 4 * settings.batch_size):
                 self.pending.append(work)
                 done += 1
