@@ -14,6 +14,7 @@ import sys
 from importlib import metadata
 
 NEEDED = ("open_clip_torch", "faiss-cpu", "sqlalchemy", "ftfy", "regex", "tqdm", "click", "pyyaml", "safetensors")
+NEEDED += ("tokenizers",)  # the export's Hugging Face tokenizers, which onnx_encoder imports
 # The machine's own: torch and what torch itself requires, whose versions must stay torch's.
 PRESENT = {"torch", "torchvision", "numpy", "pillow", "filelock", "fsspec", "jinja2", "markupsafe", "networkx"}
 PRESENT |= {"sympy", "mpmath", "typing-extensions", "setuptools", "triton"}
