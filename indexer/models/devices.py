@@ -88,7 +88,7 @@ def place(asked: str = "auto", *, queries: bool = False) -> Placement:
         return Placement("cuda:0", TORCH) if "cuda:0" in _torch_devices() else CPU
     placement = Placement(asked, ONNX)
     if gpus is not None and placement.cuda_index >= gpus:
-        found = f"{_count(gpus)} (cuda:0–cuda:{gpus - 1})" if gpus else "no NVIDIA GPU (no NVIDIA driver is loaded)"
+        found = f"{_count(gpus)} (cuda:0–cuda:{gpus - 1})" if gpus else f"no NVIDIA GPU ({_why_none()})"
         raise DeviceError(f"{asked} is not available: this machine has {found}; use --device cpu or auto")
     if _onnx_cuda():
         return placement
@@ -122,6 +122,12 @@ def nvidia_gpus() -> int | None:
             usable += 1
         count = min(count, usable)
     return count
+
+
+def _why_none() -> str:
+    if not _GPU_DRIVER.is_dir():
+        return "no NVIDIA driver is loaded"
+    return f"none visible: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
 
 
 def _count(gpus: int) -> str:
