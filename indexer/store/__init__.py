@@ -240,15 +240,7 @@ class Store:
                 if stamp is None:
                     self.vectors(modality)
         self.flush()
-        self._keep_up_embeddings()
-
-    def _keep_up_embeddings(self, rebuilt: Iterable[str] = ()) -> None:
-        """The embeddings files beside the vector files just saved (reranking.Reranking.keep_up)."""
-        if self.model_id is None:
-            return
-        _, budget, _ = self.index_setting()
-        for modality in MODALITIES:
-            self.reranking.keep_up(modality, budget, self._counts, rebuild=modality in rebuilt)
+        self.reranking.keep_up(self.index_setting()[1], self._counts)
 
     def _ever_stored(self, modality: str) -> bool:
         """Whether a modality has a vector file to keep: one is on disk, or its vectors ever changed."""
@@ -379,7 +371,7 @@ class Store:
             self._vectors[modality] = index
             self._dirty.add(modality)
             self.flush()
-            self._keep_up_embeddings(rebuilt=[modality])
+            self.reranking.keep_up(self.index_setting()[1], self._counts, rebuilt=[modality])
             chosen[modality] = index.spec
         return chosen
 
@@ -410,7 +402,7 @@ class Store:
             self._vectors[modality] = self._rebuild(modality, log_progress)
             self._dirty.add(modality)
         self.flush()
-        self._keep_up_embeddings(rebuilt=MODALITIES)
+        self.reranking.keep_up(self.index_setting()[1], self._counts, rebuilt=MODALITIES)
 
     def status(self) -> StoreStatus:
         sizes = {}

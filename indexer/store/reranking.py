@@ -12,13 +12,13 @@ re-ranks from the catalog and says why in one line.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from indexer.store import embedding_file
-from indexer.store.catalog import Catalog
+from indexer.store.catalog import MODALITIES, Catalog
 from indexer.store.embedding_file import DamagedError, EmbeddingFile
 from indexer.store.vectors import ADD_BLOCK, IndexSpec, read_spec, rerank
 
@@ -70,10 +70,14 @@ class Reranking:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def keep_up(self, modality: str, budget: int, counts: Callable[[], dict[str, int]], rebuild: bool = False) -> None:
-        """Bring a modality's file in line with its vector file (see the module's docstring);
-        `rebuild` makes it anew (the vector file was just rebuilt). `counts` gives the items per
+    def keep_up(self, budget: int, counts: Callable[[], dict[str, int]], rebuilt: Iterable[str] = ()) -> None:
+        """Bring each modality's file in line with its vector file just saved (see the module's
+        docstring); those of `rebuilt` vector files are made anew. `counts` gives the items per
         modality, asked only for a rebuild (a scan of the catalog)."""
+        for modality in MODALITIES:
+            self._keep_up(modality, budget, counts, modality in rebuilt)
+
+    def _keep_up(self, modality: str, budget: int, counts: Callable[[], dict[str, int]], rebuild: bool) -> None:
         spec = read_spec(self.root / f"{modality}.faiss")
         path = self.path(modality)
         if spec.exact or not (self.root / f"{modality}.faiss").exists():
