@@ -10,7 +10,7 @@ mixture. Recall@10 is against exact search, after the exact re-ranking the store
   load, against reading the same bytes and against the whole load (checksum, then FAISS).
 - Every kind on the first 200,000 of them (HNSW takes too long to build on two cores at 1M):
   build time, bytes per vector on disk, p50/p99 single-query latency, recall@10.
-- Re-ranking through a real Store (100,000 vectors, ivfpq): from the memory-mapped embeddings
+- Re-ranking through a real Store (50,000 vectors, ivfpq): from the memory-mapped embeddings
   in float32 and in float16, against re-ranking the same candidates from the catalog.
 """
 
@@ -29,7 +29,7 @@ from indexer.store.index_choice import DEFAULT_BUDGET, choose
 from indexer.store.vectors import CHECKSUM_BLOCK, TuningQueries, VectorIndex, checksum, exact_top, rerank, tune
 
 DIM = 512
-LARGE, TABLE, MAPPED = 1_000_000, 200_000, 100_000
+LARGE, TABLE, MAPPED = 1_000_000, 200_000, 50_000
 QUERIES = 200
 NOISE = 1.2  # per dimension, against centres of about unit variance: clusters that overlap
 
