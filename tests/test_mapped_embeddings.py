@@ -118,7 +118,8 @@ def test_a_damaged_row_is_never_served_and_the_next_writing_command_rebuilds_the
     damaged = "image.embeddings: damaged (the row of item 11 fails its checksum)"
     assert f"{damaged}; re-ranking from the catalog" in caplog.text
     with Store.open(root) as store:
-        assert store.check() == [damaged]
+        [problem] = store.check()
+        assert problem.startswith("image.embeddings: damaged (its content's checksum is ")
     with Store.open(root, write=True) as store:
         store.catch_up()  # what every writing command ends with
         assert store.check() == []

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.store import embedding_file
 from indexer.store.catalog import MODALITIES, Catalog
-from indexer.store.embedding_file import DamagedError, EmbeddingFile
+from indexer.store.embedding_file import DamagedError, EmbeddingFile, choose_dtype, remove, stamp_path, write
+from indexer.store.embedding_file import rerank as rerank_mapped
 from indexer.store.vectors import ADD_BLOCK, IndexSpec, read_spec, rerank
 
 __all__ = ["STALE", "Reranking"]
@@ -48,7 +48,7 @@ class Reranking:
         mapped = self._mapped(modality)
         if mapped is not None:
             try:
-                return embedding_file.rerank(query, ids, k, mapped, self.catalog.embeddings_of)
+                return rerank_mapped(query, ids, k, mapped, self.catalog.embeddings_of)
             except DamagedError as error:
                 log.info("%s: %s; re-ranking from the catalog", self.path(modality).name, error)
                 self._files[modality] = None
@@ -81,8 +81,8 @@ class Reranking:
         spec = read_spec(self.root / f"{modality}.faiss")
         path = self.path(modality)
         if spec.exact or not (self.root / f"{modality}.faiss").exists():
-            if path.exists() or embedding_file.stamp_path(path).exists():
-                embedding_file.remove(path)
+            if path.exists() or stamp_path(path).exists():
+                remove(path)
                 self._files.pop(modality, None)
             return
         if not rebuild:
@@ -96,7 +96,7 @@ class Reranking:
                 problem = f"lacks {lacking:,} items added since" if wanted == mapped.stamp.dtype else f"not {wanted}"
             log.info("%s: %s; rebuilding it from the catalog", path.name, problem)
         items = counts()[modality]
-        embedding_file.write(
+        write(
             path,
             self.catalog.vector_blocks(modality, ADD_BLOCK),
             self._dim(),
@@ -107,7 +107,7 @@ class Reranking:
 
     def precision(self, spec: IndexSpec, budget: int, count: int) -> str:
         dim = self._dim()
-        return embedding_file.choose_dtype(count, dim, count * spec.bytes_per_vector(dim), budget)
+        return choose_dtype(count, dim, count * spec.bytes_per_vector(dim), budget)
 
     # -- reporting -------------------------------------------------------------------------
 
