@@ -274,7 +274,8 @@ class Store:
         """The k items of `modality` (among `allowed`) nearest to `vector`: (ids, cosine similarities), best first.
 
         Approximate kinds give candidates, re-ranked by the exact cosine of the catalog's
-        embeddings, so scores are always true similarities. A filter matching up to
+        embeddings (read from their memory-mapped copy where it is sound: reranking.py), so
+        scores are always true similarities. A filter matching up to
         EXACT_FILTER items is answered exactly from their embeddings (cheaper than a filtered
         graph or cluster walk, and never short); a wider one through the index, topped up
         exactly when it comes back short. So a filter never gives fewer than k hits when k
