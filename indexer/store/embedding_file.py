@@ -119,6 +119,8 @@ class EmbeddingFile:
         count, row = stamp.count, stamp.row_bytes()
         # A plain array over the mapping: numpy's memmap subclass costs microseconds per indexing.
         data = np.asarray(np.memmap(path, np.uint8, "r")) if stamp.size else np.zeros(0, np.uint8)
+        if len(data) != stamp.size:  # replaced since its size was read (a writer's rebuild)
+            raise DamagedError(f"replaced while opened ({len(data)} bytes, stamped {stamp.size})")
         self.vectors = data[: count * row].view(np.dtype(stamp.dtype).newbyteorder("<")).reshape(count, stamp.dim)
         self.crcs = data[count * row : count * (row + 4)].view("<u4")
         self.ids = data[count * (row + 4) :].view("<i8")
@@ -137,17 +139,19 @@ class EmbeddingFile:
             size = path.stat().st_size
         except FileNotFoundError:
             return None, "missing"
-        if size != stamp.size or size != stamp.count * (stamp.row_bytes() + 12):
-            return None, f"truncated or overwritten ({size} bytes, stamped {stamp.size})"
         if stamp.dim != dim or stamp.dtype not in ("float16", "float32"):
             return None, f"made for {stamp.dim}-d {stamp.dtype} vectors"
+        if size != stamp.size or size != stamp.count * (stamp.row_bytes() + 12):
+            return None, f"truncated or overwritten ({size} bytes, stamped {stamp.size})"
         if stamp.generation > generation:
             return None, f"newer than the catalog (generation {stamp.generation}, the catalog's {generation})"
-        opened = cls(path, stamp)
         try:
+            opened = cls(path, stamp)
             opened.rows(np.unique([0, max(stamp.count - 1, 0)])[: stamp.count])
         except DamagedError as error:
             return None, str(error)
+        except FileNotFoundError:  # removed since its size was read (`check --repair` starts so)
+            return None, "missing"
         return opened, ""
 
     def describe(self) -> str:

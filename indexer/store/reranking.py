@@ -2,11 +2,11 @@
 modality (embedding_file.py) where it is sound, else from the catalog.
 
 A writer keeps each file beside its vector file: built when an approximate vector file is built,
-verified in full at the end of every writing command (Store.catch_up, which reads the vector
-files whole too) and rebuilt then when missing, damaged, made for another precision, or lacking
-more than STALE of its items (those added since are re-ranked from the catalog meanwhile), and
-removed when the vector file turns exact. A reader never writes one: it
-re-ranks from the catalog and says why in one line.
+checked whole at the end of every writing command (Store.catch_up, which reads the vector files
+whole too) and rebuilt then when missing, damaged, made for another precision, or lacking more
+than STALE of its items (those added since are re-ranked from the catalog meanwhile), and
+removed when the vector file turns exact. A reader never writes one: where it is missing or
+unsound, the reader re-ranks from the catalog and says why in one line.
 """
 
 from __future__ import annotations
