@@ -211,3 +211,14 @@ def test_a_reader_that_has_not_seen_a_removal_drops_the_removed_items_when_re_sc
             writer.remove(["/photos/000000.jpg", "/photos/000001.jpg"])
         found, _ = reader.nearest("image", planted[0], 10)  # its vector index is from before
         assert not {1, 2} & set(found) and len(found) == 10
+
+
+def test_an_index_turned_exact_keeps_no_embeddings_file(ivf, planted):
+    root = ivf
+    with Store.open(root, write=True) as store:
+        store.optimize("flat", **QUIET)
+        assert "re-ranked" not in store.status().index_type and store.check() == []
+    assert not (root / "image.embeddings").exists() and not (root / "image.embeddings.stamp").exists()
+    with Store.open(root, write=True) as store:
+        store.optimize("hnsw", **QUIET)
+    assert stamp_of(root)["count"] == 4120 and answers(root, planted) == from_the_catalog(root, planted)
