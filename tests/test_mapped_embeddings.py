@@ -98,7 +98,11 @@ def test_a_small_memory_budget_maps_float16_and_still_returns_true_float32_score
     with Store.open(root, write=True) as store:
         _, budget, _ = store.index_setting(budget=int(1.5 * 2**20))  # as `optimize --memory-budget 1.5M` does
         store.optimize("ivf", budget=budget, **QUIET)
-        assert "re-ranked from image.embeddings (float16" in store.status().index_type
+        assert "re-ranked from image.embeddings (float16, 1 MiB mapped, beyond the memory budget)" in (
+            store.status().index_type
+        )
+        store.index_setting(budget=int(1.6 * 2**20))  # the same file, now within the budget
+        assert "re-ranked from image.embeddings (float16, 1 MiB mapped)" in store.status().index_type
     assert stamp_of(root)["dtype"] == "float16"
     queries = np.concatenate([planted, unit(np.random.default_rng(6).normal(size=(40, planted.shape[1])))])
     assert answers(root, queries) == from_the_catalog(root, queries)

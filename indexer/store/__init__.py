@@ -412,13 +412,14 @@ class Store:
                 sizes[name] = (self.root / name).stat().st_size
         updated = self.catalog.get("updated_at")
         decisions = self.decisions()
+        _, budget, _ = self.index_setting()
         return StoreStatus(
             path=str(self.root),
             model=self.model_id,
             index_type=", ".join(
                 f"{modality}s {read_spec(self._vector_path(modality)).describe()}"
                 + (f"; {decisions[modality].describe()}" if modality in decisions else "")
-                + ("" if read_spec(self._vector_path(modality)).exact else f"; {self.reranking.describe(modality)}")
+                + self.reranking.describe(modality, budget)
                 for modality in MODALITIES
                 if self._vector_path(modality).exists()
             )

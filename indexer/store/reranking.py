@@ -111,15 +111,23 @@ class Reranking:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def describe(self, modality: str) -> str:
-        """How an approximate modality re-ranks, for `clipseek status`."""
+    def describe(self, modality: str, budget: int) -> str:
+        """How an approximate modality re-ranks, for `clipseek status` ("; re-ranked from …"; empty
+        for an exact one). Where even float16 does not fit in the memory budget beside the index
+        (512-d at 10 million items), the mapping still works, its rows read from disk as far as
+        the page cache does not hold them: say so."""
+        spec = read_spec(self.root / f"{modality}.faiss")
+        if spec.exact:
+            return ""
         mapped, problem = self.open(modality)
         if mapped is None:
-            return f"re-ranked from the catalog ({self.path(modality).name} {problem})"
-        return f"re-ranked from {self.path(modality).name} ({mapped.describe()})"
+            return f"; re-ranked from the catalog ({self.path(modality).name} {problem})"
+        index_bytes = mapped.stamp.count * spec.bytes_per_vector(self._dim())
+        beyond = ", beyond the memory budget" if index_bytes + mapped.stamp.size > budget else ""
+        return f"; re-ranked from {self.path(modality).name} ({mapped.describe()}{beyond})"
 
     def problems(self, modality: str) -> list[str]:
-        """What `clipseek check` finds wrong with a modality's file: every row is read."""
+        """What `clipseek check` finds wrong with a modality's file, the whole file read."""
         spec = read_spec(self.root / f"{modality}.faiss")
         path = self.path(modality)
         if spec.exact and not path.exists():
