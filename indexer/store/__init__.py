@@ -2,6 +2,7 @@
 
     catalog.sqlite            items, their embeddings, failures, model identity, generation
     image.faiss, text.faiss   one vector file per modality, stamped with the generation
+    image.embeddings, ...     an approximate kind's embeddings, memory-mapped to re-rank from (reranking.py)
     index-choice.json         why `auto` chose each kind (building.py), on the machine that measured it
     writer.lock               held (flock) by the one process writing; holds its pid (writer.py)
 
@@ -30,12 +31,12 @@ from indexer.models.identity import ModelId, sha256_file
 from indexer.store import index_choice
 from indexer.store.building import Progress, build, log_progress, note_decision, quiet, read_decisions
 from indexer.store.catalog import MODALITIES, Catalog, Filters, NewCaption, NewImage, StoredImage
+from indexer.store.reranking import Reranking
 from indexer.store.vectors import (
     IndexSpec,
     VectorIndex,
     read_spec,
     remove_files,
-    rerank,
     verify,
 )
 from indexer.store.writer import StoreWriter, take_writer_lock
@@ -83,6 +84,7 @@ class Store:
         self._dirty: set[str] = set()
         self._seen_generation = catalog.generation()
         self._model_id: ModelId | None = None
+        self.reranking = Reranking(root, catalog, lambda: self.model_id.dim)
 
     @classmethod
     def open(cls, root: str | os.PathLike, write: bool = False, create: bool = False) -> Store:
@@ -195,6 +197,7 @@ class Store:
         generation = self.catalog.generation()
         if generation != self._seen_generation:
             self._vectors = {}
+            self.reranking.forget()
             self._seen_generation = generation
 
     # -- vectors ---------------------------------------------------------------------------
@@ -238,6 +241,7 @@ class Store:
                 if stamp is None:
                     self.vectors(modality)
         self.flush()
+        self.reranking.keep_up(self.index_setting()[1], self._counts)
 
     def _ever_stored(self, modality: str) -> bool:
         """Whether a modality has a vector file to keep: one is on disk, or its vectors ever changed."""
@@ -271,7 +275,8 @@ class Store:
         """The k items of `modality` (among `allowed`) nearest to `vector`: (ids, cosine similarities), best first.
 
         Approximate kinds give candidates, re-ranked by the exact cosine of the catalog's
-        embeddings, so scores are always true similarities. A filter matching up to
+        embeddings (read from their memory-mapped copy where it is sound: reranking.py), so
+        scores are always true similarities. A filter matching up to
         EXACT_FILTER items is answered exactly from their embeddings (cheaper than a filtered
         graph or cluster walk, and never short); a wider one through the index, topped up
         exactly when it comes back short. So a filter never gives fewer than k hits when k
@@ -279,20 +284,17 @@ class Store:
         """
         index = self.vectors(modality)
         if not index.spec.exact and allowed is not None and len(allowed) <= EXACT_FILTER:
-            return self._reranked(allowed, vector, k)
+            return self._reranked(modality, allowed, vector, k)
         scores, ids = index.search(vector[None, :], index.candidates(k), allowed)
         found, scores = ids[0][ids[0] >= 0], scores[0][ids[0] >= 0]
         if index.spec.exact:
             return found, _cosine(scores)
         if len(found) < min(k, index.count if allowed is None else len(allowed)):
             found = allowed if allowed is not None else index.ids()
-        return self._reranked(found, vector, k)
+        return self._reranked(modality, found, vector, k)
 
-    def _reranked(self, ids: np.ndarray, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        found, vectors = self.catalog.embeddings_of(ids)
-        if not len(found):
-            return found, np.zeros(0, np.float32)
-        found, scores = rerank(vector, found, vectors, k)
+    def _reranked(self, modality: str, ids: np.ndarray, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        found, scores = self.reranking.reranked(modality, ids, vector, k)
         return found, _cosine(scores)
 
     def index_setting(
@@ -371,6 +373,7 @@ class Store:
             self._vectors[modality] = index
             self._dirty.add(modality)
             self.flush()
+            self.reranking.keep_up(self.index_setting()[1], self._counts, rebuilt=[modality])
             chosen[modality] = index.spec
         return chosen
 
@@ -391,6 +394,7 @@ class Store:
                 problems.append(f"{path.name}: {problem}")
             elif not np.array_equal(np.sort(index.ids()), ids):
                 problems.append(f"{path.name}: its ids differ from the catalog's {modality} items")
+            problems += self.reranking.problems(modality)
         return problems
 
     def repair(self) -> None:
@@ -400,20 +404,23 @@ class Store:
             self._vectors[modality] = self._rebuild(modality, log_progress)
             self._dirty.add(modality)
         self.flush()
+        self.reranking.keep_up(self.index_setting()[1], self._counts, rebuilt=MODALITIES)
 
     def status(self) -> StoreStatus:
         sizes = {}
-        for name in (CATALOG, CATALOG + "-wal", "image.faiss", "text.faiss"):
+        for name in (CATALOG, CATALOG + "-wal", "image.faiss", "text.faiss", "image.embeddings", "text.embeddings"):
             if (self.root / name).exists():
                 sizes[name] = (self.root / name).stat().st_size
         updated = self.catalog.get("updated_at")
         decisions = self.decisions()
+        _, budget, _ = self.index_setting()
         return StoreStatus(
             path=str(self.root),
             model=self.model_id,
             index_type=", ".join(
                 f"{modality}s {read_spec(self._vector_path(modality)).describe()}"
                 + (f"; {decisions[modality].describe()}" if modality in decisions else "")
+                + self.reranking.describe(modality, budget)
                 for modality in MODALITIES
                 if self._vector_path(modality).exists()
             )

@@ -344,6 +344,12 @@ class Catalog:
         with self.engine.connect() as connection:
             return [tuple(row) for row in connection.execute(query)]
 
+    def count_after(self, modality: str, item_id: int) -> int:
+        """Items of `modality` with ids above `item_id`: those added since (ids only grow)."""
+        query = select(func.count()).where(items.c.id > item_id, items.c.modality == modality)
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar()
+
     def failure_count(self) -> int:
         with self.engine.connect() as connection:
             return connection.execute(select(func.count()).select_from(failures)).scalar()

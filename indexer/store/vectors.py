@@ -294,9 +294,16 @@ def checksum(path: Path) -> int:
 
 def rerank(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k of `ids` nearest to `query` by the exact cosine of their `vectors`: (ids, scores), best first."""
-    scores = vectors @ query
+    scores = inner_products(vectors, query)
     order = np.argsort(-scores, kind="stable")[:k]
     return ids[order], scores[order]
+
+
+def inner_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Each row's inner product with `query`, in float32. einsum sums each row the same way however
+    many rows come with it, where BLAS's matrix-vector product may round the last bit differently
+    by shape: an item scores the same whichever candidates it is re-ranked among."""
+    return np.einsum("ij,j->i", vectors, np.asarray(query, vectors.dtype))
 
 
 class TuningQueries:
