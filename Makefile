@@ -68,7 +68,7 @@ gpu-wheels: $(DEV)
 	du -sh gpu-wheels
 
 # A new user's install: clipseek alone (no extras) in a fresh venv from this checkout. The demo
-# model indexes and searches, and `serve` says which extra it needs.
+# model indexes and searches, and `serve` and a multilingual model say which extra they need.
 install-check:
 	rm -rf .install-check && $(PYTHON) -m venv .install-check/venv
 	.install-check/venv/bin/python -m pip install --quiet .
@@ -76,7 +76,9 @@ install-check:
 	  venv/bin/clipseek demo library --count 20 && \
 	  venv/bin/clipseek index library --model demo && \
 	  venv/bin/clipseek search "a red circle" -k 1 && \
-	  ! venv/bin/clipseek serve 2> serve.err && grep "pip install 'clipseek\[server\]'" serve.err
+	  ! venv/bin/clipseek serve 2> serve.err && grep "pip install 'clipseek\[server\]'" serve.err && \
+	  ! venv/bin/clipseek index library --model xlm-roberta-base-ViT-B-32 --pretrained laion5b_s13b_b90k \
+	    --index multilingual 2> hf.err && grep "pip install 'clipseek\[hf\]'" hf.err
 	rm -rf .install-check
 
 clean:

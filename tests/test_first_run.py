@@ -24,6 +24,7 @@ from indexer.models import hub
 from indexer.models.choices import CHOICES
 from indexer.models.identity import demo_checkpoint, sha256_file
 from search.cli.main import cli
+from tests.hf_tokenizer_files import siglip_t5
 from tests.hub_server import DEMO_REPO, serving_hub
 
 CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
@@ -221,3 +222,53 @@ def test_models_bench_compares_speed_with_the_default_at_random_weights(tmp_path
     # The demo model is a few layers of width 128: many times faster than ViT-B-32.
     assert demo["model"] == "demo" and demo["images_vs_default"] > 2 and demo["texts_vs_default"] > 2
     assert not (tmp_path / "hf").exists()  # nothing was downloaded
+
+
+def test_a_hugging_face_tokenizer_is_fetched_once_and_missing_it_fails_at_once(tmp_path, monkeypatch):
+    """SigLIP reads its tokenizer from the hub repository timm/ViT-B-16-SigLIP (a T5 vocabulary,
+    built here in its format): fetched once with the model, then read offline; where it cannot
+    be had, one message at once instead of transformers' minute of retries per file."""
+    served = {path.name: path.read_bytes() for path in siglip_t5(tmp_path / "tokenizer").iterdir()}
+    cache, architecture = tmp_path / "hf", "ViT-B-16-SigLIP"
+    assert hub.text_repos(architecture) == ("timm/ViT-B-16-SigLIP",) and hub.text_repos("ViT-B-32") == ()
+    with pytest.raises(ModelError) as offline:
+        hub.text_files(architecture, cache, offline=True)
+    for part in ("tokenizer files of ViT-B-16-SigLIP", "clipseek is offline", "clipseek models fetch ViT-B-16-SigLIP"):
+        assert part in str(offline.value)
+    assert "models--timm--ViT-B-16-SigLIP" in str(offline.value) and "--checkpoint" not in str(offline.value)
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    start = time.monotonic()
+    with pytest.raises(ModelError, match="cannot be reached"):
+        hub.text_files(architecture, cache)
+    assert time.monotonic() - start < 5
+
+    with serving_hub({"timm/ViT-B-16-SigLIP": served}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        hub.text_files(architecture, cache)
+        asked = len(server.requests)
+        hub.text_files(architecture, cache)
+        assert len(server.requests) == asked, "cached: the hub is not asked again"
+    hub.text_files(architecture, cache, offline=True)
+    (snapshot,) = (cache / "models--timm--ViT-B-16-SigLIP" / "snapshots").iterdir()
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(served)
+
+    result = subprocess.run(  # the command line: before torch, and before any index is made
+        [
+            sys.executable,
+            "-c",
+            OFFLINE_SCRIPT,
+            "index",
+            str(tmp_path),
+            "--model",
+            architecture,
+            "--pretrained",
+            "webli",
+        ],
+        env=_env(tmp_path / "elsewhere", CLIPSEEK_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    report = json.loads(result.stdout)
+    assert "tokenizer files of ViT-B-16-SigLIP" in report["message"] and not report["torch"], report

@@ -172,6 +172,7 @@ def load_encoder(
         pretrained, sha256 = None, sha256_file(weights)
     elif pretrained == RANDOM_WEIGHTS:
         weights, sha256 = None, None
+        options["pretrained_text"] = False  # a Hugging Face text tower random too, not its own weights
     else:
         weights, sha256 = _pretrained_file(model, pretrained, cache_dir, offline), None
         tag_config = open_clip.get_pretrained_cfg(model, pretrained)
@@ -181,10 +182,12 @@ def load_encoder(
             if key in tag_config:
                 options[f"image_{key}"] = tag_config[key]
 
+    if not from_hub:
+        hub.text_files(model, cache_dir, offline)  # a Hugging Face tokenizer's files, say
     if weights is None:
         # Seeded so that a random model is the same in every process (benchmarks compare runs);
         # open_clip's warning about random weights is noise here: they were asked for.
-        with torch.random.fork_rng(devices=[]), _quiet_logging(), _needs_transformers(model):
+        with torch.random.fork_rng(devices=[]), _quiet_logging(), _needs_transformers(model), hub.client_offline():
             torch.manual_seed(0)
             clip, _, preprocess = open_clip.create_model_and_transforms(model, **options)
     else:
@@ -192,14 +195,14 @@ def load_encoder(
         if not from_hub:  # a hub model's folder names its weights itself
             options["pretrained"] = str(weights)
         try:
-            with _needs_transformers(model):
+            with _needs_transformers(model), hub.client_offline():
                 clip, _, preprocess = open_clip.create_model_and_transforms(name, **options)
         except ModelError:
             raise
         except Exception as error:  # open_clip's key conversions and resizing fail in many ways
             raise _does_not_fit(weights, model, error) from error
     try:
-        with _needs_transformers(model):
+        with _needs_transformers(model), hub.client_offline():
             tokenizer = open_clip.get_tokenizer(name)
     except ModelError:
         raise

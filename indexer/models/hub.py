@@ -15,22 +15,40 @@ retries; a download cut in the middle leaves no entry in the cache (the hub clie
 The models of choices.py and `hf-hub:org/name` models are resolved here without torch; other
 open_clip tags are resolved by the encoder from open_clip's own table (which needs torch), through
 `weights_file` all the same.
+
+A model whose tokenizer or text tower is Hugging Face's (multilingual models, SigLIP) also reads
+those repositories' small files (tokenizer, configuration); `text_files` fetches them the same
+way, and `client_offline` then keeps transformers from asking the network for them again (it
+retries an unreachable hub for over a minute per file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
 from dataclasses import dataclass
+from importlib import util
 from pathlib import Path
 
 from indexer.errors import CheckpointError, ModelError
 from indexer.models.choices import choice_of
 from indexer.models.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, RANDOM_WEIGHTS
 
-__all__ = ["HF_HUB_PREFIX", "HubFiles", "cached", "files_for", "is_offline", "prepare", "weights_file"]
+__all__ = [
+    "HF_HUB_PREFIX",
+    "HubFiles",
+    "cached",
+    "client_offline",
+    "files_for",
+    "is_offline",
+    "prepare",
+    "text_files",
+    "text_repos",
+    "weights_file",
+]
 
 log = logging.getLogger("clipseek")
 
@@ -39,6 +57,20 @@ OFFLINE_VARIABLES = ("CLIPSEEK_OFFLINE", "HF_HUB_OFFLINE")
 WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names, safest first
 CONFIG_FILE = "open_clip_config.json"
 PROBE_TIMEOUT = 5.0  # seconds for the hub to answer the first request
+# What transformers reads of a tokenizer's or a text tower's repository when open_clip builds the
+# model (the text tower's weights come with the model's own): each that the repository has.
+TEXT_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
 
 
 def is_offline(offline: bool | None = None) -> bool:
@@ -95,11 +127,96 @@ def prepare(
     model = model or DEFAULT_MODEL
     if model == DEFAULT_MODEL and pretrained is None:
         pretrained = DEFAULT_PRETRAINED
-    if model == DEMO_MODEL or pretrained == RANDOM_WEIGHTS:
+    if model == DEMO_MODEL:
+        return
+    text_files(model, cache_dir, offline)
+    if pretrained == RANDOM_WEIGHTS:
         return
     files = files_for(model, pretrained)
     if files is not None:
         weights_file(files, cache_dir, offline)
+
+
+def text_repos(architecture: str) -> tuple[str, ...]:
+    """The hub repositories an open_clip architecture reads its tokenizer or text tower's
+    configuration from: none for CLIP's own tokenizer. Read from open_clip's config file without
+    importing open_clip (which imports torch)."""
+    spec = util.find_spec("open_clip")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    try:
+        config = json.loads((Path(folders[0]) / "model_configs" / f"{architecture}.json").read_text("utf-8"))
+        text = config["text_cfg"]
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return ()
+    return tuple(dict.fromkeys(text[key] for key in ("hf_tokenizer_name", "hf_model_name") if key in text))
+
+
+def text_files(architecture: str, cache_dir: str | os.PathLike | None = None, offline: bool | None = None) -> None:
+    """The tokenizer and text-tower files `architecture` reads from the hub: in the cache, else
+    fetched now unless offline; ModelError at once where they cannot be had, or where open_clip
+    could not read them (it builds such models with the transformers package)."""
+    repos = text_repos(architecture)
+    if repos and util.find_spec("transformers") is None:
+        raise ModelError(
+            f"{architecture} reads text with a Hugging Face text tower or tokenizer, which needs the transformers "
+            "package: pip install 'clipseek[hf]'"
+        )
+    for repo in repos:
+        files = HubFiles(repo, TEXT_FILES, f"the tokenizer files of {architecture} ({repo})", architecture)
+        if _text_files_cached(files, cache_dir):
+            continue
+        if is_offline(offline):
+            raise _missing(files, cache_dir, "clipseek is offline (--offline, CLIPSEEK_OFFLINE or HF_HUB_OFFLINE)")
+        _fetch_text_files(files, cache_dir)
+
+
+@contextlib.contextmanager
+def client_offline():
+    """The hub client (and transformers through it) kept off the network: for building a model
+    whose hub files `text_files` has put in the cache."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _text_files_cached(files: HubFiles, cache_dir: str | os.PathLike | None) -> bool:
+    """Whether a tokenizer's repository is in the cache: its configuration is fetched last, so it
+    marks a complete fetch."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(files.repo, "tokenizer_config.json", cache_dir=cache_root(cache_dir))
+    return isinstance(found, str) or found is not None  # a file, or the hub's record that there is none
+
+
+def _fetch_text_files(files: HubFiles, cache_dir: str | os.PathLike | None) -> None:
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    hub, root = endpoint(), cache_root(cache_dir)
+    try:
+        with _quiet_hub():
+            get_hf_file_metadata(hf_hub_url(files.repo, TEXT_FILES[0], endpoint=hub), timeout=PROBE_TIMEOUT)
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        pass  # the hub answers: each file is asked for below
+    except Exception as error:  # the network client's connection, timeout and HTTP errors
+        raise _missing(files, cache_dir, f"the model hub at {hub} cannot be reached ({_short(error)})") from None
+    log.info(f"downloading {files.label} from {hub}, once")
+    order = [name for name in files.candidates if name != "tokenizer_config.json"] + ["tokenizer_config.json"]
+    for name in order:
+        try:
+            with _quiet_hub():
+                hf_hub_download(files.repo, name, cache_dir=root, endpoint=hub)
+        except RepositoryNotFoundError:
+            raise ModelError(f"the model hub at {hub} has no repository {files.repo} ({files.label})") from None
+        except EntryNotFoundError:
+            continue  # each repository has some of these files
+        except Exception as error:
+            raise ModelError(f"the download of {files.label} failed ({_short(error)}): run the command again") from None
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -185,11 +302,13 @@ def _fetch(files: HubFiles, cache_dir: str | os.PathLike | None) -> Path:
 
 def _missing(files: HubFiles, cache_dir: str | os.PathLike | None, reason: str) -> ModelError:
     folder = repo_folder(files, cache_dir)
+    weights = files.candidates != TEXT_FILES
     return ModelError(
-        f"the weights of {files.label} are not on this machine, and {reason}. Either run "
-        f"`clipseek models fetch {files.fetch_args}` on a machine with internet access and copy the folder "
-        f"{folder.name} from its model cache (~/.cache/huggingface/hub) into {folder.parent} here, "
-        "or pass --checkpoint FILE with these weights as a local .safetensors file."
+        f"{'the weights of ' if weights else ''}{files.label} are not on this machine, and {reason}. "
+        f"{'Either run' if weights else 'Run'} `clipseek models fetch {files.fetch_args}` on a machine with "
+        f"internet access and copy the folder {folder.name} from its model cache (~/.cache/huggingface/hub) "
+        f"into {folder.parent} here"
+        + (", or pass --checkpoint FILE with these weights as a local .safetensors file." if weights else ".")
     )
 
 

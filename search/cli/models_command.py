@@ -135,6 +135,8 @@ def fetch(name: str, pretrained: str | None, as_json: bool) -> None:
         if choice is None:
             raise ModelError(f"{name} is not listed by `clipseek models`: say which weights with --pretrained TAG")
         pretrained = choice.pretrained
+    if not name.startswith(hub.HF_HUB_PREFIX):
+        hub.text_files(name)  # a Hugging Face tokenizer's files, which the model reads too
     files = hub.files_for(name, pretrained)
     if files is not None:
         label, path = files.label, hub.weights_file(files)
