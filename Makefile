@@ -11,17 +11,15 @@ DEMO_QUERY ?= a large red circle
 
 install: $(BASE)
 
-# The demo needs clipseek alone; the tests, lint and bench need the dev extra too. --no-compile:
-# Python compiles each module on its first import, and most of torch's are never imported here
-# (compiling them all up front took 30 s of the install).
+# The demo needs clipseek alone; the tests, lint and bench need the dev extra too.
 $(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -e .
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(BASE)
 
 $(DEV): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(DEV) $(BASE)
 
 # Generate a demo library, index it and its captions with the bundled demo model (an index of
