@@ -133,7 +133,7 @@ def _tokenizer_repos(scratch: Path) -> dict[str, dict[str, bytes]]:
     repos = {}
     for choice in CHOICES:
         for repo in hub.text_repos(choice.architecture):
-            folder = builders.get(repo, siglip_t5)(scratch / repo)
+            folder = builders.get(repo, siglip_t5)(scratch / repo.replace("/", "--"))
             if repo == "xlm-roberta-base":
                 (folder / "config.json").write_text(json.dumps(XLM_ROBERTA_BASE), encoding="utf-8")
             repos[repo] = {path.name: path.read_bytes() for path in folder.iterdir()}
