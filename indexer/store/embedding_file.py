@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.store.vectors import checksum, inner_products
+from indexer.store.vectors import checksum, fsync, inner_products, write_atomically
 
 __all__ = ["DamagedError", "EmbeddingFile", "choose_dtype", "remove", "rerank", "stamp_path", "write"]
 
@@ -101,8 +101,8 @@ def write(path: Path, blocks: Iterable[tuple[np.ndarray, np.ndarray]], dim: int,
     crc = checksum(temporary)  # read back from the page cache it was just written to
     os.replace(temporary, path)
     stamp = Stamp(generation, len(ids), dim, dtype, path.stat().st_size, nonce, crc)
-    _write_atomically(stamp_path(path), json.dumps(asdict(stamp)).encode())
-    _fsync_dir(path.parent)
+    write_atomically(stamp_path(path), json.dumps(asdict(stamp)).encode())
+    fsync(path.parent)
     return stamp
 
 
@@ -234,20 +234,3 @@ def rerank(
         ids, scores, slack, exact = ids[present], scores[present], slack[present], exact[present]
     order = np.argsort(-scores, kind="stable")[:k]
     return ids[order], scores[order]
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

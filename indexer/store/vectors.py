@@ -207,12 +207,12 @@ class VectorIndex:
         """Write atomically, then stamp: a crash in between leaves a file whose stamp disagrees."""
         temporary = path.with_name(path.name + ".tmp")
         faiss.write_index(self.index, str(temporary))
-        _fsync(temporary)
+        fsync(temporary)
         crc = checksum(temporary)  # read back from the page cache it was just written to
         os.replace(temporary, path)
         stamp = Stamp(generation, self.count, path.stat().st_size, self.spec.to_dict(), crc)
         write_atomically(_stamp_path(path), json.dumps(stamp.__dict__).encode())
-        _fsync(path.parent)
+        fsync(path.parent)
 
     @classmethod
     def load(cls, path: Path, changed: int, generation: int) -> tuple[VectorIndex | None, str]:
@@ -450,7 +450,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
