@@ -35,9 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.store.vectors import checksum, fsync, inner_products, write_atomically
+from indexer.store.vectors import (
+    checksum,
+    fsync,
+    inner_products,
+    read_stamp,
+    stamp_path,
+    write_atomically,
+)
 
-__all__ = ["DamagedError", "EmbeddingFile", "choose_dtype", "remove", "rerank", "stamp_path", "write"]
+__all__ = ["DamagedError", "EmbeddingFile", "choose_dtype", "rerank", "write"]
 
 Embeddings = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ids → (ids found, float32 vectors)
 
@@ -71,10 +78,6 @@ def choose_dtype(count: int, dim: int, index_bytes: int, budget: int) -> str:
     return "float32" if index_bytes + count * 4 * dim <= budget else "float16"
 
 
-def stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".stamp")
-
-
 def _seeds(ids: np.ndarray, nonce: int) -> list[int]:
     """Each row's CRC seed, from its id and the build's nonce (in numpy: 1,000 ids in microseconds)."""
     return ((np.asarray(ids).astype(np.uint64) * SEED_STEP + nonce) & 0xFFFFFFFF).tolist()
@@ -106,11 +109,6 @@ def write(path: Path, blocks: Iterable[tuple[np.ndarray, np.ndarray]], dim: int,
     return stamp
 
 
-def remove(path: Path) -> None:
-    for stale in (path, stamp_path(path)):
-        stale.unlink(missing_ok=True)
-
-
 class EmbeddingFile:
     """An open, stamped embeddings file: rows found by id, verified as they are read."""
 
@@ -129,16 +127,9 @@ class EmbeddingFile:
     def open(cls, path: Path, dim: int, generation: int) -> tuple[EmbeddingFile | None, str]:
         """The file if its stamp agrees with it (size, dim, not newer than the catalog) and its
         first and last rows verify; else None and why not. Reads no more than those rows."""
-        try:
-            stamp = Stamp(**json.loads(stamp_path(path).read_bytes()))
-        except FileNotFoundError:
-            return None, "missing" if not path.exists() else "not stamped"
-        except (ValueError, TypeError):
-            return None, "its stamp is unreadable"
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return None, "missing"
+        stamp, size, why = read_stamp(path, Stamp)
+        if stamp is None:
+            return None, why
         if stamp.dim != dim or stamp.dtype not in ("float16", "float32"):
             return None, f"made for {stamp.dim}-d {stamp.dtype} vectors"
         if size != stamp.size or size != stamp.count * (stamp.row_bytes() + 12):

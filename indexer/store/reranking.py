@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from indexer.store.catalog import MODALITIES, Catalog
-from indexer.store.embedding_file import DamagedError, EmbeddingFile, choose_dtype, remove, stamp_path, write
+from indexer.store.embedding_file import DamagedError, EmbeddingFile, choose_dtype, write
 from indexer.store.embedding_file import rerank as rerank_mapped
-from indexer.store.vectors import ADD_BLOCK, IndexSpec, read_spec, rerank
+from indexer.store.vectors import ADD_BLOCK, IndexSpec, read_spec, remove_files, rerank, stamp_path
 
 __all__ = ["STALE", "Reranking"]
 
@@ -82,7 +82,7 @@ class Reranking:
         path = self.path(modality)
         if spec.exact or not (self.root / f"{modality}.faiss").exists():
             if path.exists() or stamp_path(path).exists():
-                remove(path)
+                remove_files(path)
                 self._files.pop(modality, None)
             return
         if not rebuild:

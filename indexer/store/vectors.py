@@ -23,11 +23,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import faiss
 import numpy as np
 
 KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+S = TypeVar("S")
 TRAINING_SAMPLE = 50  # vectors per IVF cluster used to train it (FAISS wants at least 39)
 ADD_BLOCK = 100_000  # vectors added at a time: progress to report, and bounded float32 copies
 EXACT_SAMPLE = 32_768  # vectors an exact-search timing scans (64 MiB at 512-d: past the caches already)
@@ -211,7 +213,7 @@ class VectorIndex:
         crc = checksum(temporary)  # read back from the page cache it was just written to
         os.replace(temporary, path)
         stamp = Stamp(generation, self.count, path.stat().st_size, self.spec.to_dict(), crc)
-        write_atomically(_stamp_path(path), json.dumps(stamp.__dict__).encode())
+        write_atomically(stamp_path(path), json.dumps(stamp.__dict__).encode())
         fsync(path.parent)
 
     @classmethod
@@ -256,16 +258,9 @@ def verify(path: Path, changed: int, generation: int) -> tuple[Stamp | None, str
     catalog's; a later stamp means the catalog was replaced, say by a restored backup). Reads
     the whole file once, without parsing it.
     """
-    try:
-        stamp = Stamp(**json.loads(_stamp_path(path).read_bytes()))
-    except FileNotFoundError:
-        return None, "missing" if not path.exists() else "not stamped"
-    except (ValueError, TypeError):
-        return None, "its stamp is unreadable"
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return None, "missing"
+    stamp, size, why = read_stamp(path, Stamp)
+    if stamp is None:
+        return None, why
     if size != stamp.size:
         return None, f"truncated or overwritten ({size} bytes, stamped {stamp.size})"
     if not changed <= stamp.generation <= generation:
@@ -279,6 +274,21 @@ def verify(path: Path, changed: int, generation: int) -> tuple[Stamp | None, str
     if found != stamp.checksum:
         return None, f"damaged (its content's checksum is {found:08x}, stamped {stamp.checksum:08x})"
     return stamp, ""
+
+
+def read_stamp(path: Path, kind: type[S]) -> tuple[S | None, int, str]:
+    """A derived file's stamp (of dataclass `kind`) and the file's size now; else None and why
+    it cannot be served (no file, no stamp, an unreadable one)."""
+    try:
+        stamp = kind(**json.loads(stamp_path(path).read_bytes()))
+    except FileNotFoundError:
+        return None, 0, "missing" if not path.exists() else "not stamped"
+    except (ValueError, TypeError):
+        return None, 0, "its stamp is unreadable"
+    try:
+        return stamp, path.stat().st_size, ""
+    except FileNotFoundError:
+        return None, 0, "missing"
 
 
 def checksum(path: Path) -> int:
@@ -427,17 +437,17 @@ def _sample(vectors: np.ndarray, count: int) -> np.ndarray:
 def read_spec(path: Path) -> IndexSpec:
     """The spec a vector file was stamped with (flat when its stamp is missing or unreadable)."""
     try:
-        return IndexSpec.from_dict(json.loads(_stamp_path(path).read_bytes()).get("spec"))
+        return IndexSpec.from_dict(json.loads(stamp_path(path).read_bytes()).get("spec"))
     except (OSError, ValueError, TypeError, AttributeError):
         return IndexSpec()
 
 
 def remove_files(path: Path) -> None:
-    for stale in (path, _stamp_path(path)):
+    for stale in (path, stamp_path(path)):
         stale.unlink(missing_ok=True)
 
 
-def _stamp_path(path: Path) -> Path:
+def stamp_path(path: Path) -> Path:
     return path.with_name(path.name + ".stamp")
 
 
