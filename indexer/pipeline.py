@@ -396,7 +396,7 @@ class _Run:
                     self._copy_or_decode(work, writer)
             decoded = [work for work in batch if work.failure is None and work.pixels is not None]
             vectors = self.indexer.encoder.embed_preprocessed([w.pixels for w in decoded]) if decoded else []
-            if decoded:
+            if decoded and report.device is None:  # the run's one device, recorded with its first pictures
                 report.device = self.indexer.encoder.runs_on
                 writer.record_device(report.device)
             writer.add_images([_new_image(work, vector) for work, vector in zip(decoded, vectors, strict=True)])

@@ -190,7 +190,7 @@ def _text_files_cached(files: HubFiles, cache_dir: str | os.PathLike | None) -> 
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(files.repo, "tokenizer_config.json", cache_dir=cache_root(cache_dir))
-    return isinstance(found, str) or found is not None  # a file, or the hub's record that there is none
+    return found is not None  # a file, or the hub's record that the repository has none
 
 
 def _fetch_text_files(files: HubFiles, cache_dir: str | os.PathLike | None) -> None:

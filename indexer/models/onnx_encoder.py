@@ -5,12 +5,12 @@
 
 An export is a folder: the text and image towers as ONNX files, the tokenizer's files (CLIP's
 merges, or a Hugging Face tokenizer's folder: SigLIP, SigLIP 2) and a manifest.json saying which
-model they are (its ModelId), how to tokenise and preprocess, and
-what each tower gave for a fixed probe when it was exported. Each tower also has a copy with
-8-bit weights; a query's text goes through it where the export measured it faithful (see
-OnnxEncoder). Each tower is loaded on its first use; its files must have their recorded sizes
-and checksums, and it must reproduce its probe (cosine ≥ PROBE_COSINE), before it embeds
-anything: a damaged file gives an error, never a wrong vector. This is the only module that imports onnxruntime.
+model they are (its ModelId), how to tokenise and preprocess, and what each tower gave for a
+fixed probe when it was exported. Each tower also has a copy with 8-bit weights; a query's text
+goes through it where the export measured it faithful (see OnnxEncoder). Each tower is loaded
+on its first use; its files must have their recorded sizes and checksums, and it must
+reproduce its probe (cosine ≥ PROBE_COSINE), before it embeds anything: a damaged file gives an
+error, never a wrong vector. This is the only module that imports onnxruntime.
 """
 
 from __future__ import annotations
