@@ -3,13 +3,21 @@
 Indexes live in the data directory: `$CLIPSEEK_HOME`, else `$XDG_DATA_HOME/clipseek`, else
 `~/.local/share/clipseek`; each named index is a folder under `indexes/` there. A path (anything
 with a slash, or an existing folder) names an index folder directly.
+
+A PostgreSQL URL (`postgresql://user@host/db`) names an index whose catalog is in that database;
+its vector files are derived data local to each machine, in a folder under `indexes/` named from
+the URL without its password. That folder holds the URL (without its password) in `catalog.url`,
+so its name is a named index too; any named index whose folder has a `catalog.url` keeps its
+catalog there.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_INDEX = "default"
 # The pixel budget of pictures that come from others (uploads and fetched URLs to `clipseek
@@ -34,14 +42,43 @@ def cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipseek"
 
 
+CATALOG_URL = "catalog.url"  # in an index folder: the URL of the database holding its catalog
+URL_SCHEMES = ("postgresql://", "postgresql+psycopg://", "postgres://")
+
+
+def is_catalog_url(index: str | os.PathLike | None) -> bool:
+    return isinstance(index, str) and index.startswith(URL_SCHEMES)
+
+
+def without_password(url: str) -> str:
+    """The URL with its password left out (of the user part and of the query): safe to print or store."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}@{host}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "password"])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def index_dir(index: str | os.PathLike | None = None) -> Path:
-    """The folder of an index given by name (in the data directory) or by path; None: the default."""
+    """The folder of an index given by name (in the data directory) or by path; None: the default.
+    For a PostgreSQL URL: the local folder of its vector files, named from the URL without its password."""
     if index is None:
         return data_home() / "indexes" / DEFAULT_INDEX
+    if is_catalog_url(index):
+        name = re.sub(r"[^A-Za-z0-9@._+-]+", "-", without_password(index).split("://", 1)[1]).strip("-")
+        return data_home() / "indexes" / f"postgresql-{name}"
     text = os.fspath(index)
     if os.sep in text or text.startswith(".") or Path(text).is_dir():
         return Path(text).expanduser()
     return data_home() / "indexes" / text
+
+
+def index_location(index: str | os.PathLike | None = None) -> str | Path:
+    """What Store.open takes: the URL itself for a PostgreSQL catalog given as one (its password
+    kept for the connection), else the index's folder (see index_dir)."""
+    return index if is_catalog_url(index) else index_dir(index)
 
 
 @dataclass(frozen=True)

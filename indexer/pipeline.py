@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.config import IndexSettings, ListSource, RaySettings, index_dir
+from indexer.config import IndexSettings, ListSource, RaySettings, index_dir, index_location
 from indexer.errors import BadFileError, ClipseekError
 from indexer.models import backend, devices, hub
 from indexer.models.backend import encoder_for
@@ -126,7 +126,7 @@ class Indexer:
         placement = devices.place(device)  # a device that is not there fails before anything is made
         root = index_dir(index)
         made = not root.exists()
-        store = Store.open(root, write=True, create=True)
+        store = Store.open(index_location(index), write=True, create=True)
         try:
             stored = store.model_id
             if stored is None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.config import index_dir
+from indexer.config import index_location
 from indexer.errors import BadFileError, ItemNotFoundError, PixelBudgetError, QueryError
 from indexer.models.devices import CPU, Placement, place
 from indexer.sources.pictures import decode_image, to_rgb
@@ -92,7 +92,7 @@ class SearchEngine:
         the pixel budget of pictures given to it. `device`: where queries embed ("auto": a GPU only
         through ONNX Runtime's CUDA provider; see indexer.models.devices)."""
         placement = place(device, queries=True)  # a device that is not there fails before the index opens
-        store = Store.open(index_dir(index))
+        store = Store.open(index_location(index))
         try:
             store.check_checkpoint(checkpoint)
         except BaseException:

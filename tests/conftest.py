@@ -30,3 +30,29 @@ def model_cache(tmp_path_factory):
     os.environ["CLIPSEEK_CACHE"] = str(folder)
     yield folder
     del os.environ["CLIPSEEK_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the whole run (tests/postgres_server.py); skips, saying why, where
+    PostgreSQL or psycopg is not installed."""
+    from tests.postgres_server import PostgresServer
+
+    folder, why = PostgresServer.find()
+    if folder is None:
+        pytest.skip(why)
+    try:
+        import psycopg  # noqa: F401
+    except ModuleNotFoundError:
+        pytest.skip("psycopg is not installed: pip install 'clipseek[postgres]'")
+    server = PostgresServer(folder).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_place(request, tmp_path):
+    """Where a test's index is, on each back end: a folder for SQLite, a new database's URL for PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "index")
+    return request.getfixturevalue("postgres").new_database()

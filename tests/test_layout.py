@@ -21,7 +21,8 @@ ENGINES = {
     "tokenizers": {"indexer.models.hf_tokenizer"},
     "onnxruntime": {"indexer.models.onnx_encoder", "indexer.models.onnx_export"},  # the export quantises with it
     "faiss": {"indexer.store.vectors"},
-    "sqlalchemy": {"indexer.store.catalog"},
+    # the catalog's reads, its writes, and its schema with what each database spells its own way
+    "sqlalchemy": {"indexer.store.catalog", "indexer.store.catalog_writer", "indexer.store.catalog_schema"},
     "ray": {"indexer.ray.pipeline"},
     "pyarrow": {"indexer.ray.shards", "indexer.sources.remote"},  # Parquet shards; object stores' file systems
     "fastapi": {

@@ -1,6 +1,7 @@
 """The on-disk index: a folder holding the catalog (the truth) and the vector files derived from it.
 
     catalog.sqlite            items, their embeddings, failures, model identity, generation
+    catalog.url               or: the PostgreSQL database holding the catalog (no password)
     image.faiss, text.faiss   one vector file per modality, stamped with the generation
     image.embeddings, ...     an approximate kind's embeddings, memory-mapped to re-rank from (reranking.py)
     index-choice.json         why `auto` chose each kind (building.py), on the machine that measured it
@@ -12,6 +13,12 @@ saves those, stamped. A vector file that is missing, damaged or stale is rebuilt
 catalog, never served: in memory by a reader, which says so in one line; on disk by a writer,
 and every writing command ends by catching up any such file (`catch_up`), so that rerunning a
 command a crash interrupted leaves the index consistent.
+
+With the catalog on PostgreSQL the folder holds only derived files, local to each machine, and
+several processes (on this machine and others) may write at once: each stamps its vector files
+with the generation they really reflect (the last of its own commits that followed the one its
+index already reflected), so that a file missing another writer's commits is seen as stale and
+caught up from the catalog, never served.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.config import CATALOG_URL, index_dir, is_catalog_url, without_password
 from indexer.errors import IndexNotFoundError, ModelMismatchError, StoreError
 from indexer.models.identity import ModelId, sha256_file
 from indexer.store import index_choice
@@ -39,7 +47,7 @@ from indexer.store.vectors import (
     remove_files,
     verify,
 )
-from indexer.store.writer import StoreWriter, take_writer_lock
+from indexer.store.writer import StoreWriter, hold_local_lock, take_writer_lock
 
 __all__ = [
     "MODALITIES",
@@ -76,28 +84,49 @@ class StoreStatus:
 class Store:
     """One index folder, opened for reading or (by one process at a time) for writing."""
 
-    def __init__(self, root: Path, catalog: Catalog, lock: int | None):
+    def __init__(self, root: Path, catalog: Catalog, lock: int | None, writable: bool):
         self.root = root
         self.catalog = catalog
         self._lock = lock
+        self.writable = writable
         self._vectors: dict[str, VectorIndex] = {}
+        self._reflects: dict[str, int] = {}  # the generation each in-memory vector index reflects
         self._dirty: set[str] = set()
         self._seen_generation = catalog.generation()
         self._model_id: ModelId | None = None
         self.reranking = Reranking(root, catalog, lambda: self.model_id.dim)
 
     @classmethod
-    def open(cls, root: str | os.PathLike, write: bool = False, create: bool = False) -> Store:
-        root = Path(root)
-        if not (root / CATALOG).is_file():
-            if not create:
-                raise IndexNotFoundError(f"no index at {root}: create one with `clipseek index FOLDER`")
-            root.mkdir(parents=True, exist_ok=True)
-        lock = take_writer_lock(root) if write else None
-        return cls(root, Catalog(root / CATALOG, readonly=not write), lock)
+    def open(cls, where: str | os.PathLike, write: bool = False, create: bool = False) -> Store:
+        """The index in folder `where`, or the one whose catalog is in the PostgreSQL database
+        `where` names by URL (its vector files in a local folder; see indexer.config)."""
+        url = os.fspath(where) if is_catalog_url(os.fspath(where)) else None
+        root = index_dir(url) if url else Path(where)
+        if url is None and (root / CATALOG_URL).is_file():  # a named index whose settings point there
+            url = (root / CATALOG_URL).read_text(encoding="utf-8").strip()
+        if url is None:
+            if not (root / CATALOG).is_file():
+                if not create:
+                    raise IndexNotFoundError(f"no index at {root}: create one with `clipseek index FOLDER`")
+                root.mkdir(parents=True, exist_ok=True)
+            lock = take_writer_lock(root) if write else None
+            return cls(root, Catalog(root / CATALOG, readonly=not write), lock, write)
+        # PostgreSQL: no writer lock; the database's own locking keeps concurrent writers apart.
+        catalog = Catalog(url, readonly=not write, name=without_password(url), create=create)
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / CATALOG_URL).exists():
+            (root / CATALOG_URL).write_text(without_password(url) + "\n", encoding="utf-8")
+        return cls(root, catalog, None, write)
+
+    @property
+    def location(self) -> str:
+        """Where the index is, for messages: its folder, or its catalog's URL (no password) and folder."""
+        if self.catalog.concurrent:
+            return f"{self.catalog.name} (vector files in {self.root})"
+        return str(self.root)
 
     def close(self) -> None:
-        if self._lock is not None:
+        if self.writable:
             self.flush()
         self.catalog.close()
         if self._lock is not None:
@@ -161,24 +190,40 @@ class Store:
         with self.catalog.write() as writer:
             store_writer = StoreWriter(writer, self.vectors if index_vectors else None)
             yield store_writer
+        self._advance()
         if not index_vectors:
             for modality in writer.modalities:
                 self._vectors.pop(modality, None)
                 self._dirty.discard(modality)
             return
         for modality, (ids, vectors) in store_writer.added.items():
-            self.vectors(modality).add(np.asarray(ids), np.stack(vectors))
-            self._dirty.add(modality)
+            if ids:
+                self.vectors(modality).add(np.asarray(ids), np.stack(vectors))
+                self._dirty.add(modality)
         if store_writer.removed:
             for modality in MODALITIES:  # removing an id a modality does not hold is a no-op
                 self.vectors(modality).remove(store_writer.removed)
                 self._dirty.add(modality)
 
+    def _advance(self) -> None:
+        """Move each in-memory index's generation past this process's own commits that follow it
+        (their changes are in it), up to the first commit of another writer (whose are not)."""
+        for modality, reflects in self._reflects.items():
+            while reflects + 1 in self.catalog.committed:
+                reflects += 1
+            self._reflects[modality] = reflects
+
     def flush(self) -> None:
-        """Save the vector files that changed, stamped with the catalog generation."""
+        """Save the vector files that changed, stamped with the catalog generation they reflect:
+        the catalog's own with one writer, else the one tracked since each was loaded."""
+        if not self._dirty:
+            return
         generation = self.catalog.generation()
-        for modality in sorted(self._dirty):
-            self._vectors[modality].save(self._vector_path(modality), generation)
+        self._advance()
+        with hold_local_lock(self.root):  # writers on one machine save one at a time
+            for modality in sorted(self._dirty):
+                stamped = self._reflects[modality] if self.catalog.concurrent else generation
+                self._vectors[modality].save(self._vector_path(modality), stamped)
         self._dirty.clear()
 
     def remove(self, paths: list[str | os.PathLike] = (), collection: str | None = None) -> int:
@@ -197,6 +242,7 @@ class Store:
         generation = self.catalog.generation()
         if generation != self._seen_generation:
             self._vectors = {}
+            self._reflects = {}
             self.reranking.forget()
             self._seen_generation = generation
 
@@ -217,15 +263,16 @@ class Store:
         keeps it in memory only and reports none (a search's output is its hits).
         """
         if modality not in self._vectors:
-            index, problem = self._load(modality)
+            generation = self.catalog.generation()  # read first: what is loaded reflects at least this
+            index, problem = self._load(modality, generation)
             if index is None:
                 if self._ever_stored(modality):
                     log.info("%s: %s; catching up from the catalog", self._vector_path(modality).name, problem)
-                writer = self._lock is not None
-                index = self._rebuild(modality, log_progress if writer else quiet)
-                if writer:
+                index = self._rebuild(modality, log_progress if self.writable else quiet)
+                if self.writable:
                     self._dirty.add(modality)
             self._vectors[modality] = index
+            self._reflects[modality] = generation
         return self._vectors[modality]
 
     def catch_up(self) -> None:
@@ -234,6 +281,12 @@ class Store:
         with nothing else to do, so that rerunning a command killed between its catalog commit and
         its vector files leaves them consistent. A file already held in memory is saved as it is."""
         for modality in MODALITIES:
+            if modality in self._vectors and self._reflects[modality] < self.catalog.vectors_changed(modality):
+                # Another writer's commits came between this one's: its index lacks them.
+                log.info("%s: behind another writer's commits; catching up from the catalog", f"{modality}.faiss")
+                self._vectors.pop(modality)
+                self._dirty.discard(modality)
+                self.vectors(modality)
             if modality not in self._vectors and self._ever_stored(modality):
                 stamp, _ = verify(
                     self._vector_path(modality), self.catalog.vectors_changed(modality), self.catalog.generation()
@@ -247,9 +300,10 @@ class Store:
         """Whether a modality has a vector file to keep: one is on disk, or its vectors ever changed."""
         return self._vector_path(modality).exists() or self.catalog.vectors_changed(modality) > 0
 
-    def _load(self, modality: str) -> tuple[VectorIndex | None, str]:
+    def _load(self, modality: str, generation: int | None = None) -> tuple[VectorIndex | None, str]:
         changed = self.catalog.vectors_changed(modality)
-        return VectorIndex.load(self._vector_path(modality), changed, self.catalog.generation())
+        generation = self.catalog.generation() if generation is None else generation
+        return VectorIndex.load(self._vector_path(modality), changed, max(generation, changed))
 
     def _rebuild(self, modality: str, progress: Progress) -> VectorIndex:
         """A modality's vector index from the catalog, of the kind last chosen for it (flat when
@@ -326,9 +380,11 @@ class Store:
         counts = self._counts()
         plan = {}
         for modality, count in counts.items():
-            current = self._vectors.get(modality) or self._load(modality)[0]
-            if current is not None:
+            generation = self.catalog.generation()
+            current = self._vectors.get(modality)
+            if current is None and (current := self._load(modality, generation)[0]) is not None:
                 self._vectors[modality] = current
+                self._reflects[modality] = generation
             elif not count:
                 continue
             was = current.spec.kind if current is not None else None
@@ -367,6 +423,7 @@ class Store:
         chosen = {}
         for modality, spec in plan.items():
             self._vectors.pop(modality, None)  # the old index's memory, free for the new one
+            self._reflects[modality] = self.catalog.generation()
             index = build(self.catalog, self.model_id.dim, modality, spec, counts[modality], progress)
             with self.catalog.write() as writer:  # first: a rebuild after a crash makes this kind again
                 writer.set(f"index_spec.{modality}", index.spec.to_dict())
@@ -401,6 +458,7 @@ class Store:
         """Rebuild every vector file from the catalog."""
         for modality in MODALITIES:
             remove_files(self._vector_path(modality))
+            self._reflects[modality] = self.catalog.generation()
             self._vectors[modality] = self._rebuild(modality, log_progress)
             self._dirty.add(modality)
         self.flush()
@@ -415,7 +473,7 @@ class Store:
         decisions = self.decisions()
         _, budget, _ = self.index_setting()
         return StoreStatus(
-            path=str(self.root),
+            path=self.location,
             model=self.model_id,
             index_type=", ".join(
                 f"{modality}s {read_spec(self._vector_path(modality)).describe()}"

@@ -1,123 +1,47 @@
-"""The catalog: an index's source of truth, in SQLite through SQLAlchemy (the only importer).
+"""The catalog: an index's source of truth, through SQLAlchemy (with catalog_schema.py and
+catalog_writer.py, its only importers), in an SQLite file or a PostgreSQL database.
 
 It holds every item (a picture or a caption) with its embedding, the files that failed and why,
 the model identity and a generation counter that every committed change bumps. The vector files
-are derived from it. SQLite runs in WAL mode, so readers are never blocked by the writer.
+are derived from it. SQLite runs in WAL mode, so readers are never blocked by the writer;
+PostgreSQL's readers never are either, and its writers may be many (catalog_writer.py).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import (
-    Column,
-    Connection,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    MetaData,
-    Row,
-    String,
-    Table,
-    cast,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import BigInteger, Row, String, cast, func, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
 from indexer.errors import QueryError, StoreError
-
-MODALITIES = ("image", "text")  # what an item is: a picture or a caption
-
-SCHEMA_VERSION = 1
-
-metadata = MetaData()
-meta = Table("meta", metadata, Column("key", String, primary_key=True), Column("value", String, nullable=False))
-items = Table(
-    "items",
-    metadata,
-    # AUTOINCREMENT: ids are never reused, so a vector file can never map an old id to a new item.
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("modality", String, nullable=False),  # "image" | "text"
-    Column("path", LargeBinary),  # image: the file path, bytes exactly as the OS gave them
-    Column("display", String),  # image: the path as text, undecodable bytes replaced
-    Column("caption", String),  # text
-    Column("collection", String),  # text: its caption collection
-    Column("ref", String),  # text: the id column of its caption file
-    Column("image_ref", String),  # text: the image-path column of its caption file
-    Column("size", Integer),
-    Column("mtime_ns", Integer),
-    Column("sha256", String),
-    Column("width", Integer),
-    Column("height", Integer),
-    Column("taken_at", String),  # ISO 8601: EXIF date taken, else the file's modification time
-    Column("added_at", Float, nullable=False),
-    sqlite_autoincrement=True,
+from indexer.store.catalog_schema import (
+    MODALITIES,
+    NewCaption,
+    NewImage,
+    StoredImage,
+    check_exists,
+    connect,
+    display_path,
+    embeddings,
+    failures,
+    glob_match,
+    is_conflict,
+    is_postgresql,
+    items,
+    meta,
+    migrate,
+    upsert,
 )
-embeddings = Table(
-    "embeddings",
-    metadata,
-    Column("item_id", Integer, ForeignKey("items.id"), primary_key=True),
-    Column("vector", LargeBinary, nullable=False),  # float32, little-endian
-)
-failures = Table(
-    "failures",
-    metadata,
-    Column("path", LargeBinary, primary_key=True),
-    Column("display", String, nullable=False),
-    Column("reason", String, nullable=False),
-    Column("size", Integer),
-    Column("mtime_ns", Integer),
-    Column("at", Float, nullable=False),
-)
-_INDEXES = (
-    "CREATE UNIQUE INDEX IF NOT EXISTS image_path ON items (path) WHERE modality = 'image'",
-    "CREATE UNIQUE INDEX IF NOT EXISTS text_caption ON items (collection, caption) WHERE modality = 'text'",
-    "CREATE INDEX IF NOT EXISTS item_hash ON items (sha256)",
-)
+from indexer.store.catalog_writer import Writer
 
-
-class StoredImage(NamedTuple):  # a tuple: read for every indexed picture on every run
-    """What the catalog knows of an indexed picture, enough to decide whether to look again."""
-
-    id: int
-    path: bytes
-    size: int
-    mtime_ns: int
-
-
-@dataclass(frozen=True)
-class NewImage:
-    path: bytes
-    size: int
-    mtime_ns: int
-    sha256: str
-    width: int
-    height: int
-    taken_at: str
-    vector: np.ndarray
-
-
-@dataclass(frozen=True)
-class NewCaption:
-    caption: str
-    ref: str | None
-    image_ref: str | None
-    vector: np.ndarray
+__all__ = ["MODALITIES", "Catalog", "Filters", "NewCaption", "NewImage", "StoredImage", "Writer", "display_path"]
 
 
 @dataclass(frozen=True)
@@ -133,10 +57,6 @@ class Filters:
         return any(value is not None for value in (self.path, self.collection, self.date_from, self.date_to))
 
 
-def display_path(path: bytes) -> str:
-    return path.decode("utf-8", "replace")
-
-
 def _iso(text: str) -> str:
     """A date or date-time, checked and in the catalog's ISO 8601 form."""
     try:
@@ -147,38 +67,23 @@ def _iso(text: str) -> str:
 
 
 class Catalog:
-    """One catalog.sqlite. Writes happen inside `write()`, which commits as one transaction."""
+    """One catalog: an SQLite file (`where` a Path) or a PostgreSQL database (`where` its URL).
+    Writes happen inside `write()`, which commits as one transaction. `name` says which catalog
+    in messages, without a password."""
 
-    def __init__(self, path: Path, readonly: bool = False):
-        self.path = path
-        url = f"sqlite:///file:{path}?mode=ro&uri=true" if readonly else f"sqlite:///{path}"
-        self.engine = create_engine(url)
-        event.listen(self.engine, "connect", self._on_connect)
-        if not readonly:
-            self._migrate()
-
-    @staticmethod
-    def _on_connect(connection, _record) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA busy_timeout = 10000")
-        cursor.execute("PRAGMA synchronous = NORMAL")  # with WAL: a crash loses no committed batch
-        cursor.close()
-
-    def _migrate(self) -> None:
-        with self.engine.begin() as connection:
-            # 16 KiB pages hold seven 512-d float32 embeddings (88% full); SQLite's default 4 KiB pages
-            # hold one, half empty. It only takes effect on a new file, before WAL mode is set.
-            connection.exec_driver_sql("PRAGMA page_size = 16384")
-            connection.exec_driver_sql("PRAGMA journal_mode = WAL")
-            version = connection.exec_driver_sql("PRAGMA user_version").scalar()
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} was written by a newer clipseek (schema {version}); upgrade clipseek")
-            if version < 1:
-                metadata.create_all(connection)
-                for statement in _INDEXES:
-                    connection.exec_driver_sql(statement)
-                connection.execute(insert(meta).values(key="generation", value="0"))
-                connection.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    def __init__(self, where: Path | str, readonly: bool = False, name: str | None = None, create: bool = True):
+        self.name = name or str(where)
+        self.engine = connect(where, self.name, readonly)
+        self.concurrent = is_postgresql(self.engine)  # many writers at once (PostgreSQL)
+        self.committed: set[int] = set()  # the generations this process committed
+        try:
+            if self.concurrent and (readonly or not create):  # an SQLite file's absence is told by Store.open
+                check_exists(self.engine, self.name)
+            if not readonly:
+                migrate(self.engine, self.name)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -216,9 +121,16 @@ class Catalog:
     @contextmanager
     def _driver_cursor(self, query) -> Iterator:
         compiled = query.compile(dialect=self.engine.dialect)
-        parameters = [compiled.params[name] for name in compiled.positiontup]
         with self.engine.connect() as connection:
-            cursor = connection.connection.driver_connection.execute(str(compiled), parameters)
+            driver = connection.connection.driver_connection
+            if self.concurrent:
+                # A server-side cursor, so that fetchmany streams (psycopg's client-side cursors hold
+                # the whole result); binary, so that embeddings come as bytes, not hex text.
+                cursor = driver.cursor(name="clipseek_read", binary=True)
+                cursor.itersize = 10_000
+                cursor.execute(str(compiled), compiled.params)
+            else:
+                cursor = driver.execute(str(compiled), [compiled.params[name] for name in compiled.positiontup])
             try:
                 yield cursor
             finally:
@@ -312,7 +224,7 @@ class Catalog:
         query = select(items.c.id).where(items.c.modality == modality)
         if filters.path is not None:
             if any(character in filters.path for character in "*?["):
-                query = query.where(items.c.display.op("GLOB")(filters.path))
+                query = query.where(glob_match(self.engine, items.c.display, filters.path))
             else:
                 folder = filters.path.rstrip("/") or "/"
                 inside = items.c.display.startswith(folder.rstrip("/") + "/", autoescape=True)
@@ -355,9 +267,11 @@ class Catalog:
             return connection.execute(select(func.count()).select_from(failures)).scalar()
 
     def integrity_problems(self) -> list[str]:
-        """SQLite's integrity_check, and items whose embedding is missing; empty when sound."""
+        """SQLite's integrity_check (PostgreSQL's server keeps its own), and items whose embedding
+        is missing; empty when sound."""
         with self.engine.connect() as connection:
-            found = [row[0] for row in connection.exec_driver_sql("PRAGMA integrity_check")]
+            check = [] if self.concurrent else connection.exec_driver_sql("PRAGMA integrity_check")
+            found = [row[0] for row in check] or ["ok"]
             problems = [] if found == ["ok"] else [f"SQLite integrity_check: {line}" for line in found]
             orphans = connection.execute(
                 select(func.count()).select_from(items.outerjoin(embeddings)).where(embeddings.c.item_id.is_(None))
@@ -371,128 +285,35 @@ class Catalog:
     @contextmanager
     def write(self) -> Iterator[Writer]:
         """One transaction; the generation is bumped when it commits with changes, and recorded
-        as the vectors_changed generation of each modality whose vectors it changed."""
-        with self.engine.begin() as connection:
-            writer = Writer(connection)
-            yield writer
-            if writer.changed:
-                connection.execute(
-                    update(meta).where(meta.c.key == "generation").values(value=cast(meta.c.value, Integer) + 1)
-                )
-                generation = connection.execute(select(meta.c.value).where(meta.c.key == "generation")).scalar()
-                stamps = {"updated_at": str(time.time())}
-                stamps.update({f"vectors_changed.{modality}": generation for modality in writer.modalities})
-                connection.execute(
-                    insert(meta).prefix_with("OR REPLACE"), [{"key": k, "value": v} for k, v in stamps.items()]
-                )
+        as the vectors_changed generation of each modality whose vectors it changed.
+
+        The bump is the transaction's last statement: on PostgreSQL its row lock orders the
+        commits of concurrent writers, each getting the next generation, held only while it commits.
+        """
+        try:
+            with self.engine.begin() as connection:
+                writer = Writer(connection, self.engine)
+                yield writer
+                if writer.changed:
+                    generation = cast(cast(meta.c.value, BigInteger) + 1, String)
+                    bumped = update(meta).where(meta.c.key == "generation").values(value=generation)
+                    writer.generation = int(connection.execute(bumped.returning(meta.c.value)).scalar())
+                    stamps = {**writer.settings, "updated_at": str(time.time())}
+                    stamps.update({f"vectors_changed.{m}": str(writer.generation) for m in writer.modalities})
+                    rows = [{"key": key, "value": value} for key, value in sorted(stamps.items())]
+                    connection.execute(upsert(self.engine, meta, "key"), rows)
+            if writer.generation is not None:  # committed: a rolled-back number is the next writer's
+                self.committed.add(writer.generation)
+        except DBAPIError as error:
+            if not is_conflict(error):
+                raise
+            raise StoreError(
+                f"a change to the catalog at {self.name} collided with a concurrent writer's ({error.orig}); "
+                "nothing of it was kept: run the command again"
+            ) from None
 
 
 def _unpacked(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 embeddings) from (item_id, blob) rows."""
     ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
     return ids, np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), -1)
-
-
-class Writer:
-    """The changes one transaction can make; see Catalog.write."""
-
-    def __init__(self, connection: Connection):
-        self.connection = connection
-        self.changed = False
-        self.modalities: set[str] = set()  # whose vectors this transaction adds or removes
-
-    def set(self, key: str, value: str | dict) -> None:
-        value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        self.connection.execute(insert(meta).prefix_with("OR REPLACE").values(key=key, value=value))
-        self.changed = True
-
-    def _add_items(self, rows: list[dict], vectors: Iterable[np.ndarray]) -> list[int]:
-        self.modalities.update(row["modality"] for row in rows)
-        # One statement for the whole batch (SQLAlchemy's insertmanyvalues), ids in the rows' order:
-        # eight times faster than a statement per row (measured on 20,000 captions).
-        ids = list(
-            self.connection.execute(insert(items).returning(items.c.id, sort_by_parameter_order=True), rows).scalars()
-        )
-        self.connection.execute(
-            insert(embeddings),
-            [{"item_id": i, "vector": v.astype("<f4").tobytes()} for i, v in zip(ids, vectors, strict=True)],
-        )
-        self.changed = True
-        return ids
-
-    def add_images(self, images: list[NewImage]) -> list[int]:
-        if not images:
-            return []
-        now = time.time()
-        rows = [
-            {
-                "modality": "image",
-                "path": image.path,
-                "display": display_path(image.path),
-                "size": image.size,
-                "mtime_ns": image.mtime_ns,
-                "sha256": image.sha256,
-                "width": image.width,
-                "height": image.height,
-                "taken_at": image.taken_at,
-                "added_at": now,
-            }
-            for image in images
-        ]
-        self.forget_failures([image.path for image in images])
-        return self._add_items(rows, (image.vector for image in images))
-
-    def add_captions(self, collection: str, captions: list[NewCaption]) -> list[int]:
-        if not captions:
-            return []
-        now = time.time()
-        rows = [
-            {
-                "modality": "text",
-                "caption": c.caption,
-                "collection": collection,
-                "ref": c.ref,
-                "image_ref": c.image_ref,
-                "added_at": now,
-            }
-            for c in captions
-        ]
-        return self._add_items(rows, (c.vector for c in captions))
-
-    def move_image(self, item_id: int, path: bytes, size: int, mtime_ns: int) -> None:
-        """A picture found under a new path with the same content keeps its id and embedding."""
-        self.connection.execute(
-            update(items)
-            .where(items.c.id == item_id)
-            .values(path=path, display=display_path(path), size=size, mtime_ns=mtime_ns)
-        )
-        self.forget_failures([path])
-        self.changed = True
-
-    def touch_image(self, item_id: int, size: int, mtime_ns: int) -> None:
-        """Same path, same content, new file time (a copy back, a touch): nothing to embed."""
-        self.connection.execute(update(items).where(items.c.id == item_id).values(size=size, mtime_ns=mtime_ns))
-        self.changed = True
-
-    def delete_items(self, ids: list[int]) -> None:
-        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
-            chunk = ids[start : start + 500]
-            query = select(items.c.modality).where(items.c.id.in_(chunk)).distinct()
-            self.modalities.update(self.connection.execute(query).scalars())
-            self.connection.execute(delete(embeddings).where(embeddings.c.item_id.in_(chunk)))
-            self.connection.execute(delete(items).where(items.c.id.in_(chunk)))
-        self.changed = self.changed or bool(ids)
-
-    def collection_ids(self, collection: str) -> list[int]:
-        query = select(items.c.id).where(items.c.modality == "text", items.c.collection == collection)
-        return list(self.connection.execute(query).scalars())
-
-    def record_failure(self, path: bytes, reason: str, size: int | None, mtime_ns: int | None) -> None:
-        row = {"path": path, "display": display_path(path), "reason": reason, "size": size, "mtime_ns": mtime_ns}
-        self.connection.execute(insert(failures).prefix_with("OR REPLACE").values(**row, at=time.time()))
-        self.changed = True
-
-    def forget_failures(self, paths: list[bytes]) -> None:
-        for start in range(0, len(paths), 500):
-            self.connection.execute(delete(failures).where(failures.c.path.in_(paths[start : start + 500])))
-        self.changed = self.changed or bool(paths)

@@ -1,11 +1,13 @@
-"""Writing to an index: the one-writer lock, and the changes of one transaction, applied to the
-catalog at once and mirrored into the in-memory vector indexes when it commits (Store.write)."""
+"""Writing to an index: the one-writer lock (SQLite), the lock that lets one process at a time
+save a machine's vector files, and the changes of one transaction, applied to the catalog at once
+and mirrored into the in-memory vector indexes when it commits (Store.write)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from indexer.errors import IndexLockedError
 from indexer.store.catalog import MODALITIES, NewCaption, NewImage, Writer
 from indexer.store.vectors import VectorIndex
 
-__all__ = ["StoreWriter", "take_writer_lock"]
+__all__ = ["StoreWriter", "hold_local_lock", "take_writer_lock"]
 
 
 class StoreWriter:
@@ -30,20 +32,23 @@ class StoreWriter:
         self.added: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         self.removed: list[int] = []
 
-    def _added(self, modality: str, ids: list[int], vectors: list[np.ndarray]) -> list[int]:
+    def _added(self, modality: str, ids: list[int | None], vectors: list[np.ndarray]) -> list[int | None]:
+        """Mirrors what was stored (None: an item another writer had stored first)."""
         if not ids or self._bulk:
             return ids
         known_ids, known_vectors = self.added.setdefault(modality, ([], []))
-        known_ids.extend(ids)
-        known_vectors.extend(vectors)
+        for item_id, vector in zip(ids, vectors, strict=True):
+            if item_id is not None:
+                known_ids.append(item_id)
+                known_vectors.append(vector)
         return ids
 
-    def add_images(self, images: list[NewImage]) -> list[int]:
+    def add_images(self, images: list[NewImage]) -> list[int | None]:
         if images:
             self._load_vectors("image")
         return self._added("image", self._writer.add_images(images), [image.vector for image in images])
 
-    def add_captions(self, collection: str, captions: list[NewCaption]) -> list[int]:
+    def add_captions(self, collection: str, captions: list[NewCaption]) -> list[int | None]:
         if captions:
             self._load_vectors("text")
         return self._added("text", self._writer.add_captions(collection, captions), [c.vector for c in captions])
@@ -91,3 +96,15 @@ def take_writer_lock(root: Path) -> int:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, str(os.getpid()).encode(), 0)
     return descriptor
+
+
+@contextmanager
+def hold_local_lock(root: Path) -> Iterator[None]:
+    """flock on vectors.lock while saving vector files: with the catalog on PostgreSQL, several
+    writers on one machine share its folder of vector files."""
+    descriptor = os.open(root / "vectors.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)

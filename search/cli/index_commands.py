@@ -185,10 +185,10 @@ def optimize(index, index_type, memory_budget, latency_budget):
 
     Searches keep being answered from the old files until the new ones replace them.
     """
-    from indexer.config import index_dir
+    from indexer.config import index_location
     from indexer.store import Store
 
-    with Store.open(index_dir(index), write=True) as store:
+    with Store.open(index_location(index), write=True) as store:
         kind, budget, latency = store.index_setting(index_type, _budget(memory_budget), _latency(latency_budget))
         chosen = store.optimize(kind, budget, _progress_bars(), latency)
         decisions = store.decisions()
@@ -248,11 +248,11 @@ def add_captions(file, collection, file_format, index, model, pretrained, checkp
 @json_option
 def status(index, list_failures, as_json):
     """What the index holds: items per modality and collection, failures, model, sizes."""
-    from indexer.config import index_dir
+    from indexer.config import index_location
     from indexer.models import backend
     from indexer.store import Store
 
-    with Store.open(index_dir(index)) as store:
+    with Store.open(index_location(index)) as store:
         state = store.status()
         failures = store.catalog.failure_list() if list_failures or as_json else []
     runtime = backend.describe(state.model) if state.model else "none yet"
@@ -292,10 +292,10 @@ def remove(paths, collection, index):
     """Remove the pictures at or under PATHS, and/or a caption collection, from the index."""
     if not paths and not collection:
         raise click.UsageError("name PATHS to remove, or --collection NAME")
-    from indexer.config import index_dir
+    from indexer.config import index_location
     from indexer.store import Store
 
-    with Store.open(index_dir(index), write=True) as store:
+    with Store.open(index_location(index), write=True) as store:
         removed = store.remove(paths, collection)
     click.echo(f"removed {removed} items", err=True)
 
@@ -305,10 +305,10 @@ def remove(paths, collection, index):
 @click.option("--repair", is_flag=True, help="Rebuild the vector files from the catalog.")
 def check(index, repair):
     """Verify that the catalog and the vector files agree; exit status 1 when they do not."""
-    from indexer.config import index_dir
+    from indexer.config import index_location
     from indexer.store import Store
 
-    with Store.open(index_dir(index), write=repair) as store:
+    with Store.open(index_location(index), write=repair) as store:
         problems = store.check()
         if problems and repair:
             store.repair()
