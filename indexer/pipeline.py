@@ -399,8 +399,10 @@ class _Run:
             if decoded and report.device is None:  # the run's one device, recorded with its first pictures
                 report.device = self.indexer.encoder.runs_on
                 writer.record_device(report.device)
-            writer.add_images([_new_image(work, vector) for work, vector in zip(decoded, vectors, strict=True)])
-            report.embedded += len(decoded)
+            ids = writer.add_images([_new_image(work, vector) for work, vector in zip(decoded, vectors, strict=True)])
+            stored = sum(item is not None for item in ids)  # None: another writer (PostgreSQL) stored it first
+            report.embedded += stored
+            report.unchanged += len(decoded) - stored
             self.known_hashes.update(work.sha256 for work in decoded)
             for work in batch:
                 if work.failure is not None and work.failure != VANISHED:

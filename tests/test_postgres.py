@@ -77,6 +77,7 @@ def test_the_catalog_url_names_a_local_folder_of_vector_files_and_no_password(tm
     clipseek("index", library, "--model", "demo", "--index", url)
     status = clipseek("status", "--index", url).stdout
     assert "s3cret" not in status and url.replace(":s3cret", "") in status
+    assert "image.faiss here: generation" in status and "up to date" in status
     folders = list((home / "indexes").iterdir())
     assert len(folders) == 1 and "s3cret" not in folders[0].name
     assert (folders[0] / "image.faiss").is_file() and not (folders[0] / "catalog.sqlite").exists()
@@ -133,8 +134,10 @@ def test_concurrent_writers_on_overlapping_paths_store_each_item_once(tmp_path, 
         run.wait(timeout=300)
         assert run.returncode == 0, run.stderr and run.stderr.read()
     assert image_rows(url) == (160, 160)
+    lines = (library / "captions.jsonl").read_text().splitlines()
+    captions = len({json.loads(line)["caption"] for line in lines})  # exact duplicates are stored once
     status = json.loads(clipseek("status", "--json", "--index", url).stdout)
-    assert status["counts"] == [["image", None, 160], ["text", "demo", 160]]
+    assert status["counts"] == [["image", None, 160], ["text", "demo", captions]]
     assert "ok" in clipseek("check", "--index", url).stderr  # the shared folder's vector files caught up
 
 
@@ -160,8 +163,10 @@ def test_a_reader_follows_a_writers_commits(demo_place, demo_encoder):
     rng = np.random.default_rng(0)
     images = [_image(number, dim, rng) for number in range(300)]
     with Store.open(demo_place, write=True) as writer, SearchEngine.open(demo_place) as reader:
-        with writer.write() as transaction:
-            transaction.add_images(images[:100])
+        # Past PostgreSQL's generic plans of statements psycopg prepares (from about the eleventh run).
+        for start in range(0, 100, 5):
+            with writer.write(index_vectors=False) as transaction:  # the catalog alone: one connection
+                transaction.add_images(images[start : start + 5])
         writer.flush()
         assert len(reader.search(Query.vector(images[5].vector), k=500)) == 100
         with writer.write() as transaction:  # committed, its vector file not yet saved

@@ -83,10 +83,10 @@ def ingest(store: Store, progress: Callable[[int, int], None] | None = None) -> 
                     if old is not None:  # a changed picture: its old item goes
                         writer.delete_items([old.id])
                     fresh.append(_image(row))
-            writer.add_images(fresh)
-            done.added += len(fresh)
+            # None: stored first by another writer on the same PostgreSQL catalog
+            done.added += sum(item is not None for item in writer.add_images(fresh))
             for collection, new in _captions(table, store, captions).items():
-                done.captions += len(writer.add_captions(collection, new))
+                done.captions += sum(item is not None for item in writer.add_captions(collection, new))
         shard.unlink()
         done_rows += table.num_rows
         if progress:

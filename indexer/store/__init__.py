@@ -28,7 +28,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +42,10 @@ from indexer.store.catalog import MODALITIES, Catalog, Filters, NewCaption, NewI
 from indexer.store.reranking import Reranking
 from indexer.store.vectors import (
     IndexSpec,
+    Stamp,
     VectorIndex,
     read_spec,
+    read_stamp,
     remove_files,
     verify,
 )
@@ -79,6 +81,9 @@ class StoreStatus:
     failures: int
     bytes_on_disk: dict[str, int]
     embedded_on: str | None = None  # where the latest pictures were embedded: "cpu (ONNX Runtime)"
+    # Per modality with a vector file here: (the generation it reflects, whether commits since
+    # changed its vectors: caught up by the next writing command; searches meanwhile read the catalog).
+    vector_files: dict[str, tuple[int, bool]] = field(default_factory=dict)
 
 
 class Store:
@@ -489,7 +494,16 @@ class Store:
             failures=self.catalog.failure_count(),
             bytes_on_disk=sizes,
             embedded_on=self.catalog.get("embedded_on"),
+            vector_files=self._vector_file_generations(),
         )
+
+    def _vector_file_generations(self) -> dict[str, tuple[int, bool]]:
+        found = {}
+        for modality in MODALITIES:
+            stamp, _, _ = read_stamp(self._vector_path(modality), Stamp)
+            if stamp is not None:
+                found[modality] = (stamp.generation, stamp.generation < self.catalog.vectors_changed(modality))
+        return found
 
 
 def _cosine(scores: np.ndarray) -> np.ndarray:

@@ -219,9 +219,12 @@ def insert_new(table: Table, modality: str) -> object:
     """PostgreSQL's INSERT of items that skips those another writer stored first (by their unique
     key) and returns the ids and keys of those it stored."""
     keys = IMAGE_KEY if modality == "image" else TEXT_KEY
+    # The partial index's predicate as a literal: PostgreSQL matches the arbiter index by its
+    # text, and a bound parameter fails to once psycopg prepares the statement (its sixth run).
+    where = text({"image": "modality = 'image'", "text": "modality = 'text'"}[modality])
     return (
         postgresql_insert(table)
-        .on_conflict_do_nothing(index_elements=list(keys), index_where=table.c.modality == modality)
+        .on_conflict_do_nothing(index_elements=list(keys), index_where=where)
         .returning(table.c.id, *(table.c[key] for key in keys))
     )
 

@@ -278,6 +278,9 @@ def status(index, list_failures, as_json):
     updated = datetime.fromtimestamp(state.updated_at) if state.updated_at else None
     when = updated.isoformat(sep=" ", timespec="seconds") if updated else "never"
     rows.append(("updated", f"{when} (generation {state.generation})"))
+    for modality, (generation, stale) in state.vector_files.items():
+        behind = f"behind the catalog's {modality}s, caught up by the next writing command" if stale else "up to date"
+        rows.append(("", f"{modality}.faiss here: generation {generation}, {behind}"))
     for label, value in rows:
         click.echo(f"{label:<10} {value}")
     for path, reason in failures:
