@@ -51,8 +51,10 @@ def postgres():
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def catalog_place(request, tmp_path):
-    """Where a test's index is, on each back end: a folder for SQLite, a new database's URL for PostgreSQL."""
+def catalog_place(request, tmp_path, monkeypatch):
+    """Where a test's index is, on each back end: a folder for SQLite, a new database's URL for
+    PostgreSQL (its vector files in the data directory, put in tmp_path/home)."""
     if request.param == "sqlite":
         return str(tmp_path / "index")
+    monkeypatch.setenv("CLIPSEEK_HOME", str(tmp_path / "home"))
     return request.getfixturevalue("postgres").new_database()

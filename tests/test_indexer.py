@@ -22,7 +22,14 @@ def pictures_in(folder, suffix=".jpg"):
 
 
 @pytest.fixture
-def index_path(tmp_path):
+def index_path(catalog_place):
+    """The index, on each catalog back end (tests/conftest.py)."""
+    return catalog_place
+
+
+@pytest.fixture
+def folder_index(tmp_path):
+    """An index folder with an SQLite catalog: for what only it has (a writer lock, the files in it)."""
     return tmp_path / "index"
 
 
@@ -142,15 +149,16 @@ def test_another_model_is_refused(library, index_path):
         Indexer.open(index_path, model="ViT-B-32")
 
 
-def test_one_writer_at_a_time(index_path):
-    with Indexer.open(index_path, model="demo"):
+def test_one_writer_at_a_time(folder_index):
+    with Indexer.open(folder_index, model="demo"):
         with pytest.raises(IndexLockedError, match=f"being written by process {os.getpid()}"):
-            Store.open(index_path, write=True)
-        Store.open(index_path).close()  # readers are never blocked
+            Store.open(folder_index, write=True)
+        Store.open(folder_index).close()  # readers are never blocked
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_a_damaged_vector_file_is_detected_and_rebuilt(library, index_path, damage):
+def test_a_damaged_vector_file_is_detected_and_rebuilt(library, folder_index, damage):
+    index_path = folder_index
     with Indexer.open(index_path, model="demo") as indexer:
         indexer.index([library])
     vectors = index_path / "image.faiss"
