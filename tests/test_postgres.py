@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from indexer.demo_world import write_library
-from indexer.errors import IndexNotFoundError
+from indexer.errors import IndexNotFoundError, StoreError
 from indexer.store import NewImage, Store
 from tests.command_line import CLIPSEEK, clipseek
 
@@ -93,7 +93,9 @@ def test_the_catalog_url_names_a_local_folder_of_vector_files_and_no_password(tm
 
 
 @pytest.mark.slow
-def test_a_killed_run_leaves_a_consistent_catalog_and_a_rerun_completes(tmp_path, home, catalog_place):
+def test_a_killed_run_leaves_a_consistent_catalog_and_a_rerun_completes(tmp_path, home, postgres):
+    """On PostgreSQL; tests/test_cli_index.py kills runs on SQLite at three points."""
+    catalog_place = postgres.new_database()
     library = tmp_path / "library"
     write_library(library, count=200, seed=4)
     command = [CLIPSEEK, "index", library, "--model", "demo", "-q", "--index", catalog_place]
@@ -212,3 +214,38 @@ def test_writers_of_the_same_items_store_them_once(demo_place, demo_encoder):
 def test_a_reader_of_a_missing_catalog_says_so(postgres, home):
     with pytest.raises(IndexNotFoundError, match="no index in postgresql://"):
         Store.open(postgres.new_database())
+
+
+def test_a_deadlock_between_writers_is_one_clear_error_that_keeps_nothing_of_its_transaction(
+    postgres, home, demo_encoder
+):
+    url = postgres.new_database()
+    with Store.open(url, write=True, create=True) as store:
+        store.claim_model(demo_encoder.model_id, None)
+    rng = np.random.default_rng(2)
+    images = [_image(number, demo_encoder.model_id.dim, rng) for number in range(2)]
+    both_started, errors = threading.Barrier(2), []
+
+    def write(store: Store, order: tuple[int, int]) -> None:  # each takes one row, then wants the other's
+        try:
+            with store.write(index_vectors=False) as writer:
+                writer.add_images([images[order[0]]])
+                both_started.wait()
+                writer.add_images([images[order[1]]])
+        except StoreError as error:
+            errors.append(str(error))
+
+    stores = [Store.open(url, write=True), Store.open(url, write=True)]
+    try:
+        orders = [(0, 1), (1, 0)]
+        threads = [threading.Thread(target=write, args=pair) for pair in zip(stores, orders, strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        for store in stores:
+            store.close()
+    assert len(errors) == 1 and "collided with a concurrent writer's (deadlock detected)" in errors[0]
+    assert "run the command again" in errors[0]
+    assert image_rows(url) == (2, 2)  # the other writer's transaction, whole

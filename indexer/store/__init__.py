@@ -27,7 +27,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,7 +225,8 @@ class Store:
             return
         generation = self.catalog.generation()
         self._advance()
-        with hold_local_lock(self.root):  # writers on one machine save one at a time
+        # Writers on one machine (a PostgreSQL catalog has several) save one at a time.
+        with hold_local_lock(self.root) if self.catalog.concurrent else nullcontext():
             for modality in sorted(self._dirty):
                 stamped = self._reflects[modality] if self.catalog.concurrent else generation
                 self._vectors[modality].save(self._vector_path(modality), stamped)

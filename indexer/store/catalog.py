@@ -308,7 +308,8 @@ class Catalog:
             if not is_conflict(error):
                 raise
             raise StoreError(
-                f"a change to the catalog at {self.name} collided with a concurrent writer's ({error.orig}); "
+                f"a change to the catalog at {self.name} collided with a concurrent writer's "
+                f"({str(error.orig).strip().splitlines()[0]}); "
                 "nothing of it was kept: run the command again"
             ) from None
 
