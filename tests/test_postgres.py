@@ -6,6 +6,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -249,3 +250,10 @@ def test_a_deadlock_between_writers_is_one_clear_error_that_keeps_nothing_of_its
     assert len(errors) == 1 and "collided with a concurrent writer's (deadlock detected)" in errors[0]
     assert "run the command again" in errors[0]
     assert image_rows(url) == (2, 2)  # the other writer's transaction, whole
+
+
+def test_without_psycopg_a_postgresql_url_says_what_to_install(home, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as where the postgres extra is not installed
+    with pytest.raises(StoreError, match=r"needs psycopg: pip install 'clipseek\[postgres\]'") as raised:
+        Store.open("postgresql://me:s3cret@127.0.0.1:1/photos")
+    assert "s3cret" not in str(raised.value) and "postgresql://me@127.0.0.1:1/photos" in str(raised.value)
