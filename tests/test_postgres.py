@@ -71,7 +71,7 @@ def test_every_command_works_the_same_on_both(tmp_path, home, catalog_place):
     clipseek("check", "--index", catalog_place)
 
 
-def test_the_catalog_url_names_a_local_folder_of_vector_files_and_no_password(tmp_path, home, postgres):
+def test_the_catalog_url_names_a_local_folder_of_vector_files_and_no_password(tmp_path, home, postgres, monkeypatch):
     library = tmp_path / "library"
     write_library(library, count=4, seed=1)
     url = postgres.new_database().replace("clipseek@", "clipseek:s3cret@")  # the test server trusts any
@@ -85,6 +85,13 @@ def test_the_catalog_url_names_a_local_folder_of_vector_files_and_no_password(tm
     assert (folders[0] / "catalog.url").read_text().strip() == url.replace(":s3cret", "")
     # That folder's name is a named index whose settings point at the database.
     assert "4 images" in clipseek("status", "--index", folders[0].name).stdout
+
+    # Another machine (a data directory of its own) that only searches keeps vector files of its own.
+    monkeypatch.setenv("CLIPSEEK_HOME", str(tmp_path / "elsewhere"))
+    assert len(clipseek("search", "a circle", "--paths", "--index", url).stdout.split()) == 4
+    (elsewhere,) = (tmp_path / "elsewhere" / "indexes").iterdir()
+    assert elsewhere.name == folders[0].name and (elsewhere / "image.faiss").is_file()
+    assert "image.faiss here: generation" in clipseek("status", "--index", url).stdout
 
     empty = clipseek("status", "--index", postgres.new_database(), check=False)
     assert empty.returncode == 1 and "Error: no index in postgresql://" in empty.stderr

@@ -266,7 +266,9 @@ class Store:
 
         A rebuild says why in one line (none for a modality that never had vectors). A writer
         saves the rebuilt index at its next flush and reports the rebuild's progress; a reader
-        keeps it in memory only and reports none (a search's output is its hits).
+        reports none (a search's output is its hits) and keeps it in memory only, except beside a
+        PostgreSQL catalog, where the folder is this machine's own derived data: there it saves it
+        too, so that the next process on a machine that only reads need not rebuild it.
         """
         if modality not in self._vectors:
             generation = self.catalog.generation()  # read first: what is loaded reflects at least this
@@ -277,9 +279,18 @@ class Store:
                 index = self._rebuild(modality, log_progress if self.writable else quiet)
                 if self.writable:
                     self._dirty.add(modality)
+                elif self.catalog.concurrent:
+                    self._save_for_readers(modality, index, generation)
             self._vectors[modality] = index
             self._reflects[modality] = generation
         return self._vectors[modality]
+
+    def _save_for_readers(self, modality: str, index: VectorIndex, generation: int) -> None:
+        try:
+            with hold_local_lock(self.root):
+                index.save(self._vector_path(modality), generation)
+        except OSError as error:  # a folder this reader may not write: it searches from memory
+            log.info("%s: not saved (%s)", self._vector_path(modality).name, error)
 
     def catch_up(self) -> None:
         """Bring every vector file up to date with the catalog, rebuilding those that are missing,
