@@ -1,0 +1,97 @@
+"""Decoding pictures on every core: a pool of processes beside the indexing process.
+
+    pool = DecodePool(4)
+    prepared = pool.prepare(path, mtime_ns, side, preprocess)    # from any thread; BadFileError as prepare_picture
+    pool.close()
+
+Why processes: Pillow lets go of the interpreter's lock (the GIL) while libjpeg decodes and while
+it resizes, but it takes the lock back for every 64 kB block it feeds the decoder, and opening
+a file, reading its EXIF and turning pixels into the model's array hold it throughout. Measured
+on a 2-core machine (a pure-Python thread's speed while one thread decodes, against alone): the
+decoding thread kept the lock about half the time on 4000 × 3000 phone JPEGs and a third of it
+on 1024 × 768 ones, so threads in one process cannot use more than about two cores' worth of
+decoding, while processes scale with the cores (tests/bench/gpu_check.py measures both).
+Processes cost a start (a fresh interpreter importing Pillow and numpy, a fraction of a second)
+and a copy of each picture's pixels back, so short runs decode in threads (see IndexSettings).
+
+Processes are spawned, not forked: a fork of a process whose torch or ONNX Runtime threads
+hold locks can hang. They ignore Ctrl-C, which the indexing process turns into "stop after this
+batch". A decoder that crashes its process (hostile bytes reaching a native decoder) breaks the
+pool: it is replaced, and each picture that was in flight is decoded again alone, in a process
+of its own, so that only the picture that crashes again is recorded as a failure.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from indexer.errors import BadFileError
+from indexer.sources.pictures import Prepared, prepare_picture
+
+__all__ = ["DecodePool"]
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _prepare(path: bytes, mtime_ns: int | None, side: int, preprocess: Callable) -> tuple[int, Prepared]:
+    """In a worker process: the picture prepared, and which process prepared it."""
+    return os.getpid(), prepare_picture(path, mtime_ns, side, preprocess)
+
+
+class DecodePool:
+    """`workers` processes that decode and preprocess pictures; started on first use."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.used: set[int] = set()  # the processes that prepared a picture
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _start(self, workers: int) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+
+    def _current(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._start(self.workers)
+            return self._pool
+
+    def prepare(self, path: bytes, mtime_ns: int | None, side: int, preprocess: Callable[[Any], Any]) -> Prepared:
+        """prepare_picture in a worker process; `preprocess` must pickle (a Preprocess does)."""
+        pool = self._current()
+        try:
+            pid, prepared = pool.submit(_prepare, path, mtime_ns, side, preprocess).result()
+        except BrokenProcessPool:
+            self._replace(pool)
+            pid, prepared = self._alone(path, mtime_ns, side, preprocess)
+        self.used.add(pid)
+        return prepared
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:  # the first thread to see it broken replaces it
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._start(self.workers)
+
+    def _alone(self, path: bytes, mtime_ns: int | None, side: int, preprocess: Callable) -> tuple[int, Prepared]:
+        with self._start(1) as pool:
+            try:
+                return pool.submit(_prepare, path, mtime_ns, side, preprocess).result()
+            except BrokenProcessPool:
+                raise BadFileError("the decoder crashed on it") from None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
