@@ -29,9 +29,10 @@ from indexer.errors import BadFileError, ClipseekError
 from indexer.models import backend, devices, hub
 from indexer.models.backend import encoder_for
 from indexer.models.identity import DEFAULT_MODEL
+from indexer.models.pixels import Preprocess
 from indexer.sources.captions import read_captions
 from indexer.sources.decode_pool import DecodePool
-from indexer.sources.pictures import VANISHED, FileEntry, file_hash, prepare_picture, walk
+from indexer.sources.pictures import VANISHED, FileEntry, JpegHeader, file_hash, jpeg_header, prepare_picture, walk
 from indexer.stage_times import StageTimes
 from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
@@ -82,6 +83,7 @@ class _Work:
     entry: FileEntry
     sha256: str | None = None
     pixels: Any = None  # the model's input tensor, when the file had to be decoded
+    jpeg: JpegHeader | None = None  # a JPEG left for the GPU to decode, with its batch
     width: int = 0
     height: int = 0
     taken_at: str | None = None
@@ -351,6 +353,9 @@ class _Run:
         workers = settings.decoding_threads(self.indexer.placement.gpu)
         self.decoders = DecodePool(workers) if settings.decode_in_processes(len(todo)) else None
         self.decoding_threads: set[int] = set()
+        self.jpegs = self._gpu_jpegs_wanted()
+        self.jpeg_decoder = None
+        self.on_gpu = 0  # pictures decoded there
         # With processes, each thread hashes and then waits on one: twice as many keep them all busy.
         threads = 2 * workers if self.decoders else workers
         try:
@@ -363,6 +368,17 @@ class _Run:
         if used:
             kind = ("process" if self.decoders else "thread") + ("" if used == 1 else "es" if self.decoders else "s")
             self.report.decoders = f"{used} {kind}"
+        if self.on_gpu:
+            where = f"{self.report.decoders} and " if self.report.decoders else ""
+            self.report.decoders = f"{where}{self.jpeg_decoder.device} ({self.on_gpu} JPEGs)"
+
+    def _gpu_jpegs_wanted(self) -> bool:
+        """IndexSettings.gpu_jpegs, or by default: where torch embeds on CUDA (ONNX Runtime takes arrays)."""
+        placement = self.indexer.placement
+        wanted = self.indexer.settings.gpu_jpegs
+        if wanted is None:
+            return placement.runtime == devices.TORCH and placement.device.startswith("cuda")
+        return wanted
 
     def _consume(self, pool: ThreadPoolExecutor, todo: list[FileEntry], progress, stop) -> None:
         """Take the workers' results in order and commit them a batch at a time."""
@@ -400,8 +416,11 @@ class _Run:
             work.failure = str(error)
         return work
 
-    def _decode(self, work: _Work) -> None:
+    def _decode(self, work: _Work, on_cpu: bool = False) -> None:
         entry = work.entry
+        if self.jpegs and not on_cpu and (header := jpeg_header(entry.path, entry.mtime_ns)) is not None:
+            work.jpeg = header  # decoded on the GPU with its batch (_decode_jpegs)
+            return
         preprocess = self.indexer.encoder.pixel_preprocess
         if self.decoders is not None:
             prepared = self.decoders.prepare(entry.path, entry.mtime_ns, self.side, preprocess)
@@ -416,6 +435,7 @@ class _Run:
             return
         batch, self.pending = self.pending, []
         report = self.report
+        self._decode_jpegs(batch)
         started = time.perf_counter()
         embedding = report.stages.embed
         with self.store.write() as writer:
@@ -450,6 +470,35 @@ class _Run:
                     report.failed += 1
                     report.failures.append((os.fsdecode(work.entry.path), work.failure))
         report.stages.add("write", time.perf_counter() - started - (report.stages.embed - embedding))
+
+    def _decode_jpegs(self, batch: list[_Work]) -> None:
+        """The batch's JPEGs, decoded together on the GPU; those it cannot decode, on the CPU."""
+        jpegs = [work for work in batch if work.jpeg is not None]
+        if not jpegs:
+            return
+        with self.report.stages.timing("decode"):
+            preprocess = self.indexer.encoder.pixel_preprocess
+            if self.jpeg_decoder is None and isinstance(preprocess, Preprocess):
+                from indexer.models.gpu_jpegs import GpuJpegs  # torch and torchvision: only here
+
+                self.jpeg_decoder = GpuJpegs(preprocess, self.indexer.placement.device)
+            headers = [work.jpeg for work in jpegs]
+            prepared = self.jpeg_decoder.prepare(headers) if self.jpeg_decoder else [None] * len(jpegs)
+            for work, header, pixels in zip(jpegs, headers, prepared, strict=True):
+                work.jpeg = None
+                if pixels is None:  # refused there: the CPU path decodes it, or says why not
+                    try:
+                        self._decode(work, on_cpu=True)
+                    except BadFileError as error:
+                        work.failure = str(error)
+                    continue
+                work.pixels, work.width, work.height, work.taken_at = (
+                    pixels,
+                    header.width,
+                    header.height,
+                    header.taken_at,
+                )
+                self.on_gpu += 1
 
     def _copy_or_decode(self, work: _Work, writer) -> None:
         """A new path with known content: reuse the stored embedding, or decode after all."""
