@@ -351,7 +351,7 @@ class _Run:
         settings = self.indexer.settings
         self.side = self.store.model_id.side
         workers = settings.decoding_threads(self.indexer.placement.gpu)
-        self.decoders = DecodePool(workers) if settings.decode_in_processes(len(todo)) else None
+        self.decoders = DecodePool(workers).start() if settings.decode_in_processes(len(todo)) else None
         self.decoding_threads: set[int] = set()
         self.jpegs = self._gpu_jpegs_wanted()
         self.jpeg_decoder = None

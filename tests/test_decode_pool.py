@@ -72,18 +72,18 @@ def test_the_summary_says_the_rate_what_decoded_and_the_bottleneck(tmp_path, lib
     monkeypatch.setenv("CLIPSEEK_HOME", str(tmp_path / "home"))
     run = clipseek("index", library, "--model", "demo", "--decode-workers", "2")
     lines = run.stderr.splitlines()
-    assert lines[-3].startswith("21 pictures in ") and lines[-3].endswith(
+    assert lines[-2].startswith("21 pictures in ") and lines[-2].endswith(
         ": 20 embedded on cpu (ONNX Runtime), 1 failed"
     )
     assert re.fullmatch(
         r"[0-9.]+ pictures/s, decoded in [12] process(es)?; bottleneck: (decode|embed|write) "
         r"\(decode [0-9]+% · embed [0-9]+% · write [0-9]+% of the time\)",
-        lines[-2],
-    ), lines[-2]
+        lines[-3],
+    ), lines[-3]
     assert lines[-1].startswith(f"  failed: {library / 'broken.jpg'}: corrupt or truncated picture")
     # the bottleneck named is the stage with the largest share
-    shares = {stage: int(share) for stage, share in re.findall(r"(decode|embed|write) ([0-9]+)%", lines[-2])}
-    assert shares[re.search(r"bottleneck: (\w+)", lines[-2]).group(1)] == max(shares.values())
+    shares = {stage: int(share) for stage, share in re.findall(r"(decode|embed|write) ([0-9]+)%", lines[-3])}
+    assert shares[re.search(r"bottleneck: (\w+)", lines[-3]).group(1)] == max(shares.values())
 
 
 @cuda

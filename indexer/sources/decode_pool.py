@@ -1,6 +1,6 @@
 """Decoding pictures on every core: a pool of processes beside the indexing process.
 
-    pool = DecodePool(4)
+    pool = DecodePool(4).start()                                 # the processes start while the model loads
     prepared = pool.prepare(path, mtime_ns, side, preprocess)    # from any thread; BadFileError as prepare_picture
     pool.close()
 
@@ -42,13 +42,17 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _ready() -> None:
+    """Nothing: submitted once per worker so that each starts (and imports Pillow) at once."""
+
+
 def _prepare(path: bytes, mtime_ns: int | None, side: int, preprocess: Callable) -> tuple[int, Prepared]:
     """In a worker process: the picture prepared, and which process prepared it."""
     return os.getpid(), prepare_picture(path, mtime_ns, side, preprocess)
 
 
 class DecodePool:
-    """`workers` processes that decode and preprocess pictures; started on first use."""
+    """`workers` processes that decode and preprocess pictures; started by `start`, or on first use."""
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -59,6 +63,13 @@ class DecodePool:
     def _start(self, workers: int) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+
+    def start(self) -> DecodePool:
+        """Start every process now, without waiting for them."""
+        pool = self._current()
+        for _ in range(self.workers):
+            pool.submit(_ready)
+        return self
 
     def _current(self) -> ProcessPoolExecutor:
         with self._lock:

@@ -175,14 +175,14 @@ def index(
             )
             if count
         ]
-        click.echo(f"{report.found} pictures in {report.seconds:.1f} s: {', '.join(parts)}", err=True)
-        if report.stages.bottleneck and report.embedded:
+        if report.stages.bottleneck and report.embedded:  # before the summary, which stays the last line
             decoded = f", decoded in {report.decoders}" if report.decoders else ""
             click.echo(
                 f"{report.pictures_per_second:.1f} pictures/s{decoded}; bottleneck: {report.stages.bottleneck} "
                 f"({report.stages.describe()} of the time)",
                 err=True,
             )
+        click.echo(f"{report.found} pictures in {report.seconds:.1f} s: {', '.join(parts)}", err=True)
         for path, reason in report.failures[:10]:
             click.echo(f"  failed: {path}: {reason}", err=True)
         if len(report.failures) > 10:
