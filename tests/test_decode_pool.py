@@ -12,10 +12,15 @@ import torch
 
 from indexer.config import PROCESSES_FROM, IndexSettings, usable_cores
 from indexer.demo_world import write_library
+from indexer.errors import BadFileError
+from indexer.models.pixels import Preprocess
 from indexer.pipeline import Indexer
+from indexer.sources.decode_pool import DecodePool
+from indexer.sources.pictures import prepare_picture
 from indexer.stage_times import STAGES
 from indexer.store import Store
 from tests.command_line import clipseek
+from tests.crashing_decoder import CRASH_SIZE, CrashingPreprocess
 
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -61,6 +66,34 @@ def test_processes_give_the_vectors_threads_give(tmp_path, library, demo_encoder
     assert failure[0].endswith("broken.jpg") and "corrupt or truncated picture" in failure[1]
 
 
+def test_a_picture_that_crashes_its_decoder_is_a_failure_and_the_others_decode(tmp_path, library):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    preprocess = Preprocess((64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    paths = [os.fsencode(path) for path in sorted(library.rglob("*.jpg"))[:6]]
+    Image.new("RGB", CRASH_SIZE, "red").save(tmp_path / "crash.png")
+    paths.insert(3, os.fsencode(tmp_path / "crash.png"))
+    pool = DecodePool(2).start()
+
+    def prepare(path):
+        try:
+            return pool.prepare(path, None, 64, CrashingPreprocess(preprocess)).pixels
+        except BadFileError as error:
+            return str(error)
+
+    try:
+        with ThreadPoolExecutor(4) as threads:
+            results = list(threads.map(prepare, paths))
+    finally:
+        pool.close()
+    assert results.pop(3) == "the decoder crashed on it"
+    del paths[3]
+    for path, pixels in zip(paths, results, strict=True):
+        np.testing.assert_array_equal(pixels, prepare_picture(path, None, 64, preprocess).pixels)
+
+
 def test_processes_are_used_for_large_runs_where_there_are_cores():
     assert not IndexSettings().decode_in_processes(PROCESSES_FROM - 1)
     assert IndexSettings().decode_in_processes(PROCESSES_FROM) == (usable_cores() > 1)
@@ -90,7 +123,7 @@ def test_the_summary_says_the_rate_what_decoded_and_the_bottleneck(tmp_path, lib
 def test_pinned_batches_on_a_gpu_embed_as_on_the_cpu(demo_encoder, library):
     from indexer.sources.pictures import prepare_picture
 
-    paths = sorted(library.glob("*.jpg"))[:8]
+    paths = sorted(library.rglob("*.jpg"))[:8]
     pixels = [prepare_picture(os.fsencode(path), None, 64, demo_encoder.pixel_preprocess).pixels for path in paths]
     on_cpu = demo_encoder.embed_preprocessed(pixels)
     try:
