@@ -96,7 +96,8 @@ class Indexer:
     `encoder` is a callable that loads the model: it is called only when something has to be
     embedded, so a rescan of an unchanged library never loads torch. `device`: the device asked
     for, which Ray's model actors place themselves (see indexer.models.devices); `placement`: where
-    `encoder` embeds, which sets how many threads decode (IndexSettings.decoding_threads).
+    `encoder` embeds, which sets how many workers decode (IndexSettings.decoding_threads) and whether
+    JPEGs decode on the GPU (IndexSettings.gpu_jpegs).
     """
 
     def __init__(
@@ -481,7 +482,10 @@ class _Run:
             if self.jpeg_decoder is None and isinstance(preprocess, Preprocess):
                 from indexer.models.gpu_jpegs import GpuJpegs  # torch and torchvision: only here
 
-                self.jpeg_decoder = GpuJpegs(preprocess, self.indexer.placement.device)
+                placement = self.indexer.placement  # ONNX Runtime takes arrays, which the CPU gives
+                self.jpeg_decoder = GpuJpegs(
+                    preprocess, placement.device if placement.runtime == devices.TORCH else "cpu"
+                )
             headers = [work.jpeg for work in jpegs]
             prepared = self.jpeg_decoder.prepare(headers) if self.jpeg_decoder else [None] * len(jpegs)
             for work, header, pixels in zip(jpegs, headers, prepared, strict=True):
@@ -505,7 +509,7 @@ class _Run:
         source = self.store.catalog.image_like(work.sha256)
         if source is None:  # its only copy left the index earlier in this run
             try:
-                self._decode(work)
+                self._decode(work, on_cpu=True)  # the batch's JPEGs went to the GPU already
             except BadFileError as error:
                 work.failure = str(error)
             return

@@ -7,16 +7,17 @@
 Why processes: Pillow lets go of the interpreter's lock (the GIL) while libjpeg decodes and while
 it resizes, but it takes the lock back for every 64 kB block it feeds the decoder, and opening
 a file, reading its EXIF and turning pixels into the model's array hold it throughout. Measured
-on a 2-core machine shared with other work: a pure-Python thread
-ran at 48% of its speed while one thread decoded 4000 × 3000 phone JPEGs and at 66% while it
-decoded 1024 × 768 ones, so decoding held the lock about half and a third of the time; two
-threads then decoded no faster than one (8.5 against 8.8 phone JPEGs/s, 57.0 against 57.7 small
-ones/s), while two processes decoded the small ones 1.3 times as fast (74.9/s; the phone JPEGs,
-7.5/s, were bound by the machine's load there). Threads in one process cannot use much more
-than two cores' worth of decoding; processes scale with the cores (tests/bench/gpu_check.py
-measures both with every core of a GPU machine). Processes cost a start (a fresh interpreter
-importing Pillow and numpy, a fraction of a second, begun with the run) and a copy of each
-picture's pixels back, so short runs decode in threads (see IndexSettings).
+on a 2-core machine shared with other work: a pure-Python thread ran at 48% of its speed while
+one thread decoded 4000 × 3000 phone JPEGs and at 66% while it decoded 1024 × 768 ones, so
+decoding held the lock about half and a third of the time, and threads in one process cannot
+use much more than two cores' worth of decoding. Decoding speed itself was hard to measure on
+that machine (its load was about 8 on its 2 cores): on the small JPEGs, two threads gave 0.99,
+0.99 and 0.70 times one thread's speed in three runs, two processes 1.30, 2.05 and 0.83 times.
+tests/bench/gpu_check.py measures both with every core of a GPU machine.
+
+Processes cost a start (a fresh interpreter importing Pillow and numpy, a fraction of a second,
+begun with the run) and a copy of each picture's pixels back, so short runs decode in threads
+(see IndexSettings).
 
 Processes are spawned, not forked: a fork of a process whose torch or ONNX Runtime threads
 hold locks can hang. They ignore Ctrl-C, which the indexing process turns into "stop after this
