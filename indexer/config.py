@@ -86,13 +86,36 @@ class IndexSettings:
     """How an indexing run works; the defaults suit a laptop."""
 
     batch_size: int = 32  # images per model call and per committed transaction
-    workers: int | None = None  # decoding threads, overlapping the model; None: decoding_threads decides
+    workers: int | None = None  # pictures decoded at once, overlapping the model; None: decoding_threads decides
+    # Decode in a pool of `workers` processes (indexer.sources.decode_pool says why), or False: in
+    # threads of the indexing process. None: processes where a run has pictures enough to repay
+    # their start (PROCESSES_FROM) and there is more than one core.
+    processes: bool | None = None
+    gpu_jpegs: bool | None = None  # JPEGs decoded on the GPU (nvJPEG); None: where torch embeds on CUDA
 
     def decoding_threads(self, gpu: bool) -> int:
         """`workers`, else every core where a GPU embeds, and up to 4 where the CPU embeds too
         (the model's own threads need the other cores)."""
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         return self.workers or (cores if gpu else max(1, min(4, cores)))
+
+    def decode_in_processes(self, pictures: int) -> bool:
+        if self.processes is not None:
+            return self.processes
+        return pictures >= PROCESSES_FROM and usable_cores() > 1
+
+
+# Pictures a run must have for decoding processes to pay: starting them takes about a second,
+# in which threads decode a few dozen pictures.
+PROCESSES_FROM = 200
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system tells it, e.g. in a container)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

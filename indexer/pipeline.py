@@ -3,9 +3,11 @@
 A run walks the folders (only stat calls), compares what it finds with the catalog, and works
 only on what changed: a file with a known size and modification time is left alone; a new or
 changed file is hashed, and reuses a stored embedding when its content is already known (a
-moved, renamed or copied picture); only the rest is decoded, in worker threads that overlap the
-model, and embedded. Each batch commits as one transaction, so a crash loses at most one batch;
-the files that disappeared leave the index only after the walk is complete (mark, walk, sweep).
+moved, renamed or copied picture); only the rest is decoded, by workers (processes, or threads
+for short runs: indexer.sources.decode_pool) that overlap the model, and embedded. The report
+says how long the run waited on each stage, and so which one held it back (indexer.stage_times).
+Each batch commits as one transaction, so a crash loses at most one batch; the files that
+disappeared leave the index only after the walk is complete (mark, walk, sweep).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from indexer.errors import BadFileError, ClipseekError
 from indexer.models import backend, devices, hub
 from indexer.models.backend import encoder_for
 from indexer.models.identity import DEFAULT_MODEL
+from indexer.models.pixels import Preprocess
 from indexer.sources.captions import read_captions
-from indexer.sources.pictures import VANISHED, FileEntry, file_hash, prepare_picture, walk
+from indexer.sources.decode_pool import DecodePool
+from indexer.sources.pictures import VANISHED, FileEntry, JpegHeader, file_hash, jpeg_header, prepare_picture, walk
+from indexer.stage_times import StageTimes
 from indexer.store import NewCaption, NewImage, Store, StoredImage, is_under
 
 if TYPE_CHECKING:
@@ -50,9 +55,15 @@ class IndexReport:
     known_failures: int = 0  # failed before and unchanged since: not tried again
     captions: int = 0  # a list's captions, added to its collection
     device: str | None = None  # where pictures were embedded, when some were: "cuda:0 (torch, float16)"
+    decoders: str | None = None  # what decoded this run's pictures, when some were: "4 processes", "2 threads"
     interrupted: bool = False
     seconds: float = 0.0
+    stages: StageTimes = field(default_factory=StageTimes)  # where the time went; stages.bottleneck
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def pictures_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -72,6 +83,7 @@ class _Work:
     entry: FileEntry
     sha256: str | None = None
     pixels: Any = None  # the model's input tensor, when the file had to be decoded
+    jpeg: JpegHeader | None = None  # a JPEG left for the GPU to decode, with its batch
     width: int = 0
     height: int = 0
     taken_at: str | None = None
@@ -84,7 +96,8 @@ class Indexer:
     `encoder` is a callable that loads the model: it is called only when something has to be
     embedded, so a rescan of an unchanged library never loads torch. `device`: the device asked
     for, which Ray's model actors place themselves (see indexer.models.devices); `placement`: where
-    `encoder` embeds, which sets how many threads decode (IndexSettings.decoding_threads).
+    `encoder` embeds, which sets how many workers decode (IndexSettings.decoding_threads) and whether
+    JPEGs decode on the GPU (IndexSettings.gpu_jpegs).
     """
 
     def __init__(
@@ -172,10 +185,12 @@ class Indexer:
         progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
         ray: RaySettings | None = None,
+        report: IndexReport | None = None,
     ) -> IndexReport:
         """Bring the index up to date with the pictures under `roots`.
 
-        `progress(done, total)` is called as files needing work are done; `stop`, when set,
+        `progress(done, total)` is called as files needing work are done (`report`, when given,
+        is the one filled in as the run goes: a progress bar reads its stage times); `stop`, when set,
         ends the run after the current batch with everything so far committed. A run that
         completes rebuilds the vector files whose kind the collection outgrew (Store.fit); every
         run, even an interrupted one, ends with the vector files caught up with the catalog
@@ -192,7 +207,7 @@ class Indexer:
             if not os.path.exists(root):
                 # Never sweep a folder that is only missing for now (an unplugged disk).
                 raise ClipseekError(f"{os.fsdecode(root)} does not exist; nothing was changed")
-        report = IndexReport()
+        report = report if report is not None else IndexReport()
         if ray is not None:  # shards a killed run left: in the catalog before the walk compares with it
             self._ingest_shards(report, progress)
         stored = self.store.catalog.images()
@@ -336,20 +351,56 @@ class _Run:
         self._load_hashes()
         settings = self.indexer.settings
         self.side = self.store.model_id.side
+        workers = settings.decoding_threads(self.indexer.placement.gpu)
+        self.decoders = DecodePool(workers).start() if settings.decode_in_processes(len(todo)) else None
+        self.decoding_threads: set[int] = set()
+        self.jpegs = self._gpu_jpegs_wanted()
+        self.jpeg_decoder = None
+        self.on_gpu = 0  # pictures decoded there
+        # With processes, each thread hashes and then waits on one: twice as many keep them all busy.
+        threads = 2 * workers if self.decoders else workers
+        try:
+            with ThreadPoolExecutor(threads, thread_name_prefix="clipseek-decode") as pool:
+                self._consume(pool, todo, progress, stop)
+        finally:
+            if self.decoders:
+                self.decoders.close()
+        used = len(self.decoders.used) if self.decoders else len(self.decoding_threads)
+        if used:
+            kind = ("process" if self.decoders else "thread") + ("" if used == 1 else "es" if self.decoders else "s")
+            self.report.decoders = f"{used} {kind}"
+        if self.on_gpu:
+            where = f"{self.report.decoders} and " if self.report.decoders else ""
+            self.report.decoders = f"{where}{self.jpeg_decoder.device} ({self.on_gpu} JPEGs)"
+
+    def _gpu_jpegs_wanted(self) -> bool:
+        """IndexSettings.gpu_jpegs, or by default: where torch embeds on CUDA (ONNX Runtime takes arrays)."""
+        placement = self.indexer.placement
+        wanted = self.indexer.settings.gpu_jpegs
+        if wanted is None:
+            return placement.runtime == devices.TORCH and placement.device.startswith("cuda")
+        return wanted
+
+    def _consume(self, pool: ThreadPoolExecutor, todo: list[FileEntry], progress, stop) -> None:
+        """Take the workers' results in order and commit them a batch at a time."""
+        batch_size = self.indexer.settings.batch_size
         done = 0
-        threads = settings.decoding_threads(self.indexer.placement.gpu)
-        with ThreadPoolExecutor(threads, thread_name_prefix="clipseek-decode") as pool:
-            for work in _ordered(pool, self._look, todo, 4 * settings.batch_size):
-                self.pending.append(work)
-                done += 1
-                if len(self.pending) >= settings.batch_size:
-                    self._commit()
-                    if progress:
-                        progress(done, len(todo))
-                    if stop is not None and stop.is_set():
-                        self.report.interrupted = True
-                        pool.shutdown(cancel_futures=True)
-                        break
+        looked = _ordered(pool, self._look, todo, 4 * batch_size)
+        while True:
+            with self.report.stages.timing("decode"):  # the time spent waiting for the decoders
+                work = next(looked, None)
+            if work is None:
+                break
+            self.pending.append(work)
+            done += 1
+            if len(self.pending) >= batch_size:
+                self._commit()
+                if progress:
+                    progress(done, len(todo))
+                if stop is not None and stop.is_set():
+                    self.report.interrupted = True
+                    pool.shutdown(cancel_futures=True)
+                    break
         if not self.report.interrupted:
             self._commit()
         if progress:
@@ -366,9 +417,17 @@ class _Run:
             work.failure = str(error)
         return work
 
-    def _decode(self, work: _Work) -> None:
+    def _decode(self, work: _Work, on_cpu: bool = False) -> None:
         entry = work.entry
-        prepared = prepare_picture(entry.path, entry.mtime_ns, self.side, self.indexer.encoder.preprocess)
+        if self.jpegs and not on_cpu and (header := jpeg_header(entry.path, entry.mtime_ns)) is not None:
+            work.jpeg = header  # decoded on the GPU with its batch (_decode_jpegs)
+            return
+        preprocess = self.indexer.encoder.pixel_preprocess
+        if self.decoders is not None:
+            prepared = self.decoders.prepare(entry.path, entry.mtime_ns, self.side, preprocess)
+        else:
+            prepared = prepare_picture(entry.path, entry.mtime_ns, self.side, preprocess)
+            self.decoding_threads.add(threading.get_ident())
         work.pixels, work.width, work.height, work.taken_at = prepared
 
     def _commit(self) -> None:
@@ -377,6 +436,9 @@ class _Run:
             return
         batch, self.pending = self.pending, []
         report = self.report
+        self._decode_jpegs(batch)
+        started = time.perf_counter()
+        embedding = report.stages.embed
         with self.store.write() as writer:
             for work in batch:
                 old = self.stored.get(work.entry.path)
@@ -395,7 +457,8 @@ class _Run:
                 elif work.failure is None and work.pixels is None:
                     self._copy_or_decode(work, writer)
             decoded = [work for work in batch if work.failure is None and work.pixels is not None]
-            vectors = self.indexer.encoder.embed_preprocessed([w.pixels for w in decoded]) if decoded else []
+            with report.stages.timing("embed"):
+                vectors = self.indexer.encoder.embed_preprocessed([w.pixels for w in decoded]) if decoded else []
             if decoded and report.device is None:  # the run's one device, recorded with its first pictures
                 report.device = self.indexer.encoder.runs_on
                 writer.record_device(report.device)
@@ -409,13 +472,46 @@ class _Run:
                     writer.record_failure(work.entry.path, work.failure, work.entry.size, work.entry.mtime_ns)
                     report.failed += 1
                     report.failures.append((os.fsdecode(work.entry.path), work.failure))
+        report.stages.add("write", time.perf_counter() - started - (report.stages.embed - embedding))
+
+    def _decode_jpegs(self, batch: list[_Work]) -> None:
+        """The batch's JPEGs, decoded together on the GPU; those it cannot decode, on the CPU."""
+        jpegs = [work for work in batch if work.jpeg is not None]
+        if not jpegs:
+            return
+        with self.report.stages.timing("decode"):
+            preprocess = self.indexer.encoder.pixel_preprocess
+            if self.jpeg_decoder is None and isinstance(preprocess, Preprocess):
+                from indexer.models.gpu_jpegs import GpuJpegs  # torch and torchvision: only here
+
+                placement = self.indexer.placement  # ONNX Runtime takes arrays, which the CPU gives
+                self.jpeg_decoder = GpuJpegs(
+                    preprocess, placement.device if placement.runtime == devices.TORCH else "cpu"
+                )
+            headers = [work.jpeg for work in jpegs]
+            prepared = self.jpeg_decoder.prepare(headers) if self.jpeg_decoder else [None] * len(jpegs)
+            for work, header, pixels in zip(jpegs, headers, prepared, strict=True):
+                work.jpeg = None
+                if pixels is None:  # refused there: the CPU path decodes it, or says why not
+                    try:
+                        self._decode(work, on_cpu=True)
+                    except BadFileError as error:
+                        work.failure = str(error)
+                    continue
+                work.pixels, work.width, work.height, work.taken_at = (
+                    pixels,
+                    header.width,
+                    header.height,
+                    header.taken_at,
+                )
+                self.on_gpu += 1
 
     def _copy_or_decode(self, work: _Work, writer) -> None:
         """A new path with known content: reuse the stored embedding, or decode after all."""
         source = self.store.catalog.image_like(work.sha256)
         if source is None:  # its only copy left the index earlier in this run
             try:
-                self._decode(work)
+                self._decode(work, on_cpu=True)  # the batch's JPEGs went to the GPU already
             except BadFileError as error:
                 work.failure = str(error)
             return

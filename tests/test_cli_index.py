@@ -32,8 +32,10 @@ def test_index_status_check_remove(tmp_path, home):
     write_library(library, count=30, seed=2)
     first = clipseek("index", library, "--model", "demo")
     said = [line for line in first.stderr.splitlines() if not line.startswith("exporting")]  # the model, once
-    assert first.stdout == "" and len(said) == 1  # the summary, nothing about building empty vector files
-    assert said[0].startswith("30 pictures in ") and said[0].endswith(" s: 30 embedded on cpu (ONNX Runtime)")
+    # the rate and bottleneck, the summary: nothing about building empty vector files
+    assert first.stdout == "" and len(said) == 2
+    assert " pictures/s, decoded in " in said[0] and "; bottleneck: " in said[0]
+    assert said[1].startswith("30 pictures in ") and said[1].endswith(" s: 30 embedded on cpu (ONNX Runtime)")
 
     report = json.loads(clipseek("index", library, "--json").stdout)
     assert (report["found"], report["unchanged"], report["embedded"]) == (30, 30, 0)

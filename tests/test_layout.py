@@ -15,7 +15,9 @@ PACKAGES = ("indexer", "search")
 
 # engine → the modules allowed to import it, and why more than one where there are more
 ENGINES = {
-    "torch": {"indexer.models.encoder", "indexer.models.onnx_export"},  # the exporter traces the torch model
+    # the exporter traces the torch model; JPEGs decode on the GPU into torch tensors
+    "torch": {"indexer.models.encoder", "indexer.models.onnx_export", "indexer.models.gpu_jpegs"},
+    "torchvision": {"indexer.models.gpu_jpegs"},  # its nvJPEG decoder
     "open_clip": {"indexer.models.encoder", "indexer.models.onnx_export"},
     "huggingface_hub": {"indexer.models.hub"},  # the hub's cache and downloads, without torch
     "tokenizers": {"indexer.models.hf_tokenizer"},

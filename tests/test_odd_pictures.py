@@ -22,7 +22,9 @@ RED_CIRCLE = Scene("circle", "red", "large", "centre", "grass")
 BLUE_SQUARE = Scene("square", "blue", "large", "left", "sand")
 YELLOW_STAR = Scene("star", "yellow", "large", "right", "water")
 # What `clipseek index` itself writes on stderr: the model's one-time export, the summary, failures.
-OWN_LINES = re.compile(r"exporting .*|\d+ pictures in [0-9.]+ s: .*|  failed: .*")
+OWN_LINES = re.compile(
+    r"exporting .*|[0-9.]+ pictures/s, decoded in .*; bottleneck: .*|\d+ pictures in [0-9.]+ s: .*|  failed: .*"
+)
 
 
 def picture(scene: Scene) -> Image.Image:

@@ -40,7 +40,7 @@ from indexer.models.identity import (
     sha256_file,
 )
 from indexer.models.onnx_encoder import probe_picture
-from indexer.models.pixels import embed_in_batches
+from indexer.models.pixels import Preprocess, embed_in_batches
 
 __all__ = ["HALF_COSINE", "Encoder", "fetch_weights", "load_encoder", "torch_devices"]
 
@@ -269,6 +269,8 @@ class Encoder:
         self.tokenizer = tokenizer
         # The loader (which owns decoding) applies this to each PIL image before embed_images.
         self.preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
+        # The same numbers without torch where the port has them (decoding processes need not load torch).
+        self.pixel_preprocess: Callable[[Image.Image], np.ndarray | torch.Tensor] = _ported(model, preprocess)
         self.model_id = model_id
         self.device = device
         self.half_pictures = False  # pictures through float16 autocast (to_device measures whether it is faithful)
@@ -324,9 +326,18 @@ class Encoder:
 
     def embed_preprocessed(self, pixels: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
         """Embed one batch of images already put through `preprocess` (as the indexer's workers do;
-        arrays where they came from another process, as on Ray)."""
+        arrays where they came from another process, as on Ray; tensors on the GPU where they were
+        decoded there)."""
         with torch.inference_mode():
-            batch = torch.stack([torch.as_tensor(p) for p in pixels]).to(self.device, non_blocking=True)
+            tensors = [torch.as_tensor(p) for p in pixels]
+            if self.device.startswith("cuda") and tensors[0].device.type == "cpu":
+                # Stacked into page-locked memory, which the GPU copies from without a staging copy
+                # and without holding this thread (torch caches such blocks from batch to batch).
+                staging = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+                batch = torch.stack(tensors, out=staging)
+            else:
+                batch = torch.stack(tensors)
+            batch = batch.to(self.device, non_blocking=True)
             kind = torch.device(self.device).type
             with torch.autocast(kind, torch.float16, enabled=self.half_pictures):
                 vectors = self.model.encode_image(batch)
@@ -361,6 +372,17 @@ class Encoder:
     def text_pooling(self) -> tuple[torch.nn.Module, str] | None:
         """The text tower and its pooling ("argmax" or "eos") where trimming is exact, else None."""
         return self._trim
+
+
+def _ported(model, preprocess: Callable) -> Callable:
+    """open_clip's transform as a Preprocess (PIL and numpy) where that is ported and gives its
+    numbers on a probe picture (as the ONNX export checks), else the transform itself."""
+    try:
+        ported = Preprocess.from_open_clip(model.visual.preprocess_cfg)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return preprocess
+    picture = probe_picture().resize((301, 257))
+    return ported if np.allclose(ported(picture), preprocess(picture).numpy(), atol=1e-5) else preprocess
 
 
 def _probe_pictures() -> list[Image.Image]:

@@ -154,6 +154,7 @@ class OnnxEncoder:
         self.model_id = model_id
         self.logit_scale: float = manifest["logit_scale"]
         self.preprocess = Preprocess.from_dict(manifest["image"]["preprocess"])
+        self.pixel_preprocess = self.preprocess  # the indexer's decoding processes run it: it pickles
         self._tokenizer: ClipTokenizer | HfTokenizer | None = None
         self.int8_towers = frozenset({"text", "image"} if self._int8 == "all" else ())
         if self._int8 == "faithful":

@@ -43,14 +43,14 @@ class Preprocess:
         if self.resize_mode == "squash":
             image = image.resize((width, height), INTERPOLATIONS[self.interpolation])
         else:
-            image = self._crop(image.resize(self._shortest(image.size), INTERPOLATIONS[self.interpolation]))
+            image = self._crop(image.resize(self.shortest(image.size), INTERPOLATIONS[self.interpolation]))
         if image.mode != "RGB":
             image = image.convert("RGB")
         pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
-    def _shortest(self, size: tuple[int, int]) -> tuple[int, int]:
+    def shortest(self, size: tuple[int, int]) -> tuple[int, int]:
         # torchvision's Resize(int): the shorter side becomes the size, the longer keeps the ratio (rounded down)
         width, height = size
         side = self.size[0]

@@ -8,6 +8,7 @@ model's own preprocessing to it.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -218,6 +219,40 @@ def prepare_picture(
     decoded = decode_image(source, side)
     taken_at = decoded.taken_at or (datetime.fromtimestamp(mtime_ns / 1e9).isoformat() if mtime_ns else None)
     return Prepared(preprocess(decoded.image), decoded.width, decoded.height, taken_at)
+
+
+class JpegHeader(NamedTuple):
+    """A JPEG that a GPU may decode as the CPU path would (indexer.models.gpu_jpegs): its bytes,
+    and what its header says."""
+
+    data: bytes
+    orientation: int  # EXIF orientation, 1–8
+    width: int  # upright
+    height: int
+    taken_at: str | None
+
+
+def jpeg_header(path: bytes, mtime_ns: int | None) -> JpegHeader | None:
+    """The file's bytes and header when it is a plain JPEG in colour or grey (no CMYK, not a
+    camera's multi-picture file); None for anything else, which the CPU path decodes (and records
+    when it cannot). Only the header is parsed here."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+        with decoder_notes.collected(), Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            exif = image.getexif()
+            orientation = exif.get(0x0112)
+            orientation = orientation if orientation in range(1, 9) else 1
+            width, height = image.size
+            taken_at = _date_taken(exif)
+    except Exception:  # unreadable or not a JPEG: the CPU path says why
+        return None
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    taken_at = taken_at or (datetime.fromtimestamp(mtime_ns / 1e9).isoformat() if mtime_ns else None)
+    return JpegHeader(data, orientation, width, height, taken_at)
 
 
 def _is_empty(source: bytes | BinaryIO) -> bool:

@@ -16,7 +16,7 @@ import click
 from search.cli.options import device_option, index_option, json_option, model_options, options
 
 
-def _open_indexer(index, model, pretrained, checkpoint, device="auto"):
+def _open_indexer(index, model, pretrained, checkpoint, device="auto", settings=None):
     from indexer.config import index_dir
     from indexer.models import hub
 
@@ -24,7 +24,9 @@ def _open_indexer(index, model, pretrained, checkpoint, device="auto"):
         hub.prepare(model, pretrained, checkpoint)
     from indexer.pipeline import Indexer
 
-    return Indexer.open(index, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device)
+    return Indexer.open(
+        index, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, settings=settings
+    )
 
 
 @contextmanager
@@ -77,6 +79,12 @@ index_type_options = options(
     help="Decode and embed on Ray: a local Ray on this machine, or the cluster at ADDRESS (auto, ray://HOST:10001).",
 )
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="With --ray: model actors.")
+@click.option(
+    "--decode-workers",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Processes that decode pictures; 0: threads of this process [auto: every core, processes for large runs].",
+)
 @click.option("--url-column", metavar="NAME", help="Lists: the column naming pictures [url, URL, image_url, path].")
 @click.option("--caption-column", metavar="NAME", help="Lists: the column of captions [caption, TEXT, text].")
 @click.option("--collection", metavar="NAME", help="Lists: the collection their captions join [the list's name].")
@@ -94,6 +102,7 @@ def index(
     latency_budget,
     ray_address,
     workers,
+    decode_workers,
     url_column,
     caption_column,
     collection,
@@ -113,7 +122,7 @@ def index(
     """
     from tqdm import tqdm
 
-    from indexer.config import ListSource, RaySettings
+    from indexer.config import IndexSettings, ListSource, RaySettings
     from indexer.sources.pictures import LIST_READERS
 
     ray = RaySettings(ray_address or None, workers) if ray_address is not None else None
@@ -123,12 +132,21 @@ def index(
     if lists and ray is None:
         raise click.UsageError("lists and WebDataset shards are read on Ray: add --ray")
 
-    with _open_indexer(index, model, pretrained, checkpoint, device) as indexer, _stop_on_interrupt() as stop:
+    settings = IndexSettings()
+    if decode_workers is not None:  # 0: in threads, as many as decoding_threads says
+        settings = IndexSettings(workers=decode_workers or None, processes=decode_workers > 0)
+    opened = _open_indexer(index, model, pretrained, checkpoint, device, settings)
+    from indexer.pipeline import IndexReport  # after the model's check: it imports the catalog's engine
+
+    report = IndexReport()
+    with opened as indexer, _stop_on_interrupt() as stop:
         # Made once the model is there, so that its download's bar comes first and the rate is the run's.
-        bar = tqdm(unit="img", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(unit=" pictures", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
 
         def progress(done: int, total: int) -> None:
             bar.total = total
+            if report.stages.bottleneck:  # which stage the run waits on, so far
+                bar.set_postfix_str(f"bottleneck: {report.stages.bottleneck} ({report.stages.describe()})", False)
             bar.update(done - bar.n)
 
         with bar:
@@ -136,9 +154,12 @@ def index(
             if lists:
                 report = indexer.index_list(ListSource(lists, url_column, caption_column, collection), ray, progress)
             else:
-                report = indexer.index(paths, progress=progress, stop=stop, ray=ray)
+                report = indexer.index(paths, progress=progress, stop=stop, ray=ray, report=report)
     if as_json:
-        click.echo(json.dumps(asdict(report), indent=2))
+        document = asdict(report)
+        document["pictures_per_second"] = report.pictures_per_second
+        document["bottleneck"] = report.stages.bottleneck
+        click.echo(json.dumps(document, indent=2))
     else:
         where = f" on {report.device}" if report.device else ""
         parts = [f"{report.embedded} embedded{where}"] + [
@@ -154,6 +175,13 @@ def index(
             )
             if count
         ]
+        if report.stages.bottleneck and report.embedded:  # before the summary, which stays the last line
+            decoded = f", decoded in {report.decoders}" if report.decoders else ""
+            click.echo(
+                f"{report.pictures_per_second:.1f} pictures/s{decoded}; bottleneck: {report.stages.bottleneck} "
+                f"({report.stages.describe()} of the time)",
+                err=True,
+            )
         click.echo(f"{report.found} pictures in {report.seconds:.1f} s: {', '.join(parts)}", err=True)
         for path, reason in report.failures[:10]:
             click.echo(f"  failed: {path}: {reason}", err=True)
