@@ -21,6 +21,7 @@ from tests.bench import (
     moderation_bench,
     query_bench,
     ray_bench,
+    rerank_bench,
     server_bench,
 )
 from tests.bench.report import into_readme, machine, markdown
@@ -35,6 +36,7 @@ SECTIONS = {
     "server": server_bench.run,
     "moderation": moderation_bench.run,
     "models": models_bench.run,
+    "rerank": rerank_bench.run,
 }
 
 
