@@ -25,11 +25,10 @@ if TYPE_CHECKING:
     from indexer.models.matcher import Matcher
     from indexer.store import Store
 
-__all__ = ["DEFAULT_RERANK", "READ_SIDE", "rerank"]
+__all__ = ["READ_SIDE", "query_side", "rerank"]
 
 log = logging.getLogger("clipseek")
 
-DEFAULT_RERANK = 30  # candidates a matcher re-scores when not told how many
 READ_SIDE = 256  # stored pictures are decoded to at least this side before the matcher's own resizing
 
 

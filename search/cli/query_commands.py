@@ -8,6 +8,7 @@ import re
 
 import click
 
+from indexer.config import DEFAULT_RERANK
 from search.cli.options import (
     device_option,
     index_option,
@@ -17,7 +18,6 @@ from search.cli.options import (
     output_options,
     weights_option,
 )
-from search.matching import DEFAULT_RERANK
 
 
 def _weighted(text: str) -> tuple[str, float]:
