@@ -6,6 +6,7 @@ BASE := $(VENV)/.clipseek-installed
 DEV := $(VENV)/.clipseek-dev-installed
 DEMO_DIR ?= .demo
 DEMO_QUERY ?= a large red circle
+DEMO_PAIR_QUERY ?= a small purple cross at the top and a large green circle at the bottom over a night background
 
 .PHONY: demo test lint bench bench-10m gpu-check gpu-wheels install install-check clean
 
@@ -23,16 +24,19 @@ $(DEV): pyproject.toml
 	touch $(DEV) $(BASE)
 
 # Generate a demo library, index it and its captions with the bundled demo model (an index of
-# its own under $(DEMO_DIR)/home), then search it: text → image, then image → caption.
+# its own under $(DEMO_DIR)/home), then search it: text → image, then image → caption; then one
+# two-object query without and with re-ranking by the demo matcher.
 demo: export CLIPSEEK_HOME = $(abspath $(DEMO_DIR))/home
 demo: $(BASE)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/clipseek demo $(DEMO_DIR)/library --count 200
+	$(BIN)/clipseek demo $(DEMO_DIR)/library --count 200 --pairs 20
 	$(BIN)/clipseek index $(DEMO_DIR)/library --model demo
 	$(BIN)/clipseek add-captions $(DEMO_DIR)/library/captions.jsonl --collection demo
 	$(BIN)/clipseek status
 	$(BIN)/clipseek search "$(DEMO_QUERY)" -k 5
 	$(BIN)/clipseek search --image "$$($(BIN)/clipseek search "$(DEMO_QUERY)" -k 1 --paths)" --texts -k 3
+	$(BIN)/clipseek search "$(DEMO_PAIR_QUERY)" -k 3
+	$(BIN)/clipseek search "$(DEMO_PAIR_QUERY)" -k 3 --rerank
 
 lint: $(DEV)
 	$(BIN)/ruff check .

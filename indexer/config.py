@@ -25,6 +25,9 @@ DEFAULT_INDEX = "default"
 # 20 KB PNG can declare 144 MP (half a gigabyte decoded, seconds of work). The indexer's own folders
 # have none: their big photos are legitimate and decode small (pictures.decode_image).
 PIXEL_BUDGET = 50_000_000
+# Candidates a matcher re-scores when a search asks for re-ranking without saying how many
+# (search.matching): enough to hold the answer the dual encoder missed, few enough to stay quick.
+DEFAULT_RERANK = 30
 
 
 def data_home() -> Path:

@@ -5,6 +5,7 @@
     engine.search(Query.image("cat.jpg") + Query.text("at night"))  # image + text → image
     engine.search(Query.text("beach") + "dog" - Query.text("people"))
     engine.search(Path("cat.jpg"), modality="text")                 # image → caption
+    engine.search("a red circle left of a blue square", rerank=30)  # the top 30 re-ranked by a matcher
     engine.moderate(image="upload.jpg", policy=Policy.load("policy.yaml"))  # search.moderation
 
 One engine serves many threads. It opens the index read-only, loads the index's own model on
@@ -15,6 +16,7 @@ generation and picks up new commits without reopening.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from indexer.models.encoder import Encoder
+    from indexer.models.matcher import Matcher
     from indexer.models.onnx_encoder import OnnxEncoder
     from search.moderation import Policy, Verdict
 
@@ -176,6 +179,8 @@ class SearchEngine:
         date_to: str | None = None,
         min_score: float | None = None,
         offset: int = 0,
+        rerank: int | None = None,
+        matcher: str | None = None,
     ) -> list[Hit]:
         """The k items of `modality` nearest to `query`, best first, after `offset`.
 
@@ -185,6 +190,11 @@ class SearchEngine:
         matching items: exact with a flat index (the default while exact search is fast) or a filter
         matching up to 20,000, else as approximate as the index (its recall is in `status`),
         but never fewer than k when k match. k is capped at MAX_K.
+
+        `rerank`: re-score the first `rerank` candidates with a matcher that reads the query with
+        each of them (search.matching), and order them by its probability of a match (Hit.match);
+        `matcher` names it (default: the one that suits the index's model, see `matchers`). The
+        query is then one text (pictures re-ranked) or one picture (captions re-ranked).
         """
         if modality not in MODALITIES:
             raise QueryError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
@@ -193,13 +203,18 @@ class SearchEngine:
         if offset < 0:
             raise QueryError(f"offset must be 0 or more, not {offset}")
         k = min(k, MAX_K)
+        reranking = None
+        if rerank is not None:
+            if rerank <= 0:
+                raise QueryError(f"rerank must be at least 1, not {rerank}")
+            reranking = (self.matcher(matcher), min(rerank, MAX_K), query)
         filters = Filters(path, collection, date_from, date_to)
         if collection is not None and collection not in self.store.catalog.collections():
             known = ", ".join(self.store.catalog.collections()) or "none"
             raise QueryError(f"no collection '{collection}' in the index (collections: {known})")
         self.store.refresh()
         if self.store.holds(modality):  # warm: a thread's start and join would only add to the query
-            return self._nearest(self.embed(query), modality, k, offset, filters, min_score)
+            return self._nearest(self.embed(query), modality, k, offset, filters, min_score, reranking)
         # The vectors load (on a cold start) while the query is embedded: both wait on C++ code
         # that releases the GIL (FAISS reading its file; ONNX Runtime or torch loading a model).
         loading = threading.Thread(target=_load_quietly, args=(self.store, modality))
@@ -208,19 +223,51 @@ class SearchEngine:
             vector = self.embed(query)
         finally:
             loading.join()
-        return self._nearest(vector, modality, k, offset, filters, min_score)
+        return self._nearest(vector, modality, k, offset, filters, min_score, reranking)
 
     def _nearest(
-        self, vector: np.ndarray, modality: str, k: int, offset: int, filters: Filters, min_score: float | None
+        self,
+        vector: np.ndarray,
+        modality: str,
+        k: int,
+        offset: int,
+        filters: Filters,
+        min_score: float | None,
+        reranking: tuple[Matcher, int, Any] | None = None,
     ) -> list[Hit]:
         allowed = self.store.catalog.matching_ids(modality, filters) if filters.any() else None
-        ids, scores = self.store.nearest(modality, vector, k + offset, allowed)
+        wanted = k + offset if reranking is None else max(k + offset, reranking[1])
+        ids, scores = self.store.nearest(modality, vector, wanted, allowed)
         found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True)]
         if min_score is not None:
             found = [(i, s) for i, s in found if s >= min_score]
-        found = found[offset : offset + k]
+        if reranking is None:
+            found = found[offset : offset + k]
+            rows = self.store.catalog.items_by_id([i for i, _ in found])
+            return [_hit(rows[i], s) for i, s in found if i in rows]
+        from search.matching import query_side, rerank
+
+        matcher, count, query = reranking
         rows = self.store.catalog.items_by_id([i for i, _ in found])
-        return [_hit(rows[i], s) for i, s in found if i in rows]
+        read = query_side(query, modality, self.store, self._query_image)
+        ordered = rerank(matcher, read, rows, found, count, self.encoder.logit_scale)[offset : offset + k]
+        return [dataclasses.replace(_hit(rows[i], s), match=p) for i, s, p in ordered if i in rows]
+
+    def matcher(self, name: str | None = None) -> Matcher:
+        """The matcher called `name`, or the one that suits the index's model; QueryError when
+        there is none (indexer.models.matcher.available_matchers)."""
+        from indexer.models.matcher import available_matchers, load_matcher
+
+        architecture = self.store.model_id.architecture
+        if name is None:
+            suited = available_matchers(architecture)
+            if not suited:
+                raise QueryError(
+                    f"no matcher suits this index's model ({architecture}), so its results cannot be "
+                    "re-ranked: search without --rerank"
+                )
+            name = suited[0]
+        return load_matcher(name, architecture)
 
     def similar(self, item_or_image: Any, threshold: float = 0.9, k: int = 100) -> list[Hit]:
         """Pictures at least `threshold` similar to a stored item or an image: near-duplicates."""

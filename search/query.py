@@ -30,6 +30,7 @@ class Hit:
     caption: str | None = None  # texts
     collection: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    match: float | None = None  # a matcher's probability that the query and the item match, when re-ranked
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -278,16 +278,19 @@ def status(index, list_failures, as_json):
     """What the index holds: items per modality and collection, failures, model, sizes."""
     from indexer.config import index_location
     from indexer.models import backend
+    from indexer.models.matcher import available_matchers
     from indexer.store import Store
 
     with Store.open(index_location(index)) as store:
         state = store.status()
         failures = store.catalog.failure_list() if list_failures or as_json else []
     runtime = backend.describe(state.model) if state.model else "none yet"
+    suited = available_matchers(state.model.architecture) if state.model else []
     if as_json:
         document = asdict(state)
         document["model"] = state.model.to_dict() if state.model else None
         document["runtime"] = runtime
+        document["matchers"] = suited
         document["failure_list"] = [{"path": path, "reason": reason} for path, reason in failures]
         click.echo(json.dumps(document, indent=2))
         return
@@ -295,6 +298,7 @@ def status(index, list_failures, as_json):
     if state.embedded_on:
         rows.append(("embedded", f"the latest pictures on {state.embedded_on}"))
     rows.append(("search", state.index_type))
+    rows.append(("re-ranks", f"with the {suited[0]} matcher (--rerank)" if suited else "no matcher for this model"))
     for number, (modality, collection, count) in enumerate(state.counts):
         label = f"{count} {modality}s" + (f" in collection '{collection}'" if collection else "")
         rows.append(("items" if number == 0 else "", label))

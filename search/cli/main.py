@@ -101,15 +101,29 @@ for command in (
 @click.argument("directory", type=click.Path(file_okay=False, writable=True, path_type=Path))
 @click.option("--count", default=200, show_default=True, type=click.IntRange(min=1), help="Pictures to write.")
 @click.option("--seed", default=0, show_default=True, type=int, help="The same seed writes the same files.")
-def demo(directory: Path, count: int, seed: int) -> None:
+@click.option(
+    "--pairs",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Also write this many two-object pictures (in pairs/), for --rerank to tell apart.",
+)
+def demo(directory: Path, count: int, seed: int, pairs: int) -> None:
     """Write a demo photo library into DIRECTORY.
 
     Generated pictures of the demo world (coloured shapes on textured backgrounds), as JPEG and
     PNG files in nested folders, with captions.jsonl naming each picture's attributes. The
-    bundled demo model (--model demo) knows this world.
+    bundled demo model (--model demo) knows this world. With --pairs, two-object pictures too
+    ("a small red circle on the left and a large blue square on the right"), each beside its twin
+    with the colours swapped, and pairs/captions.jsonl.
     """
     from indexer.demo_world import write_library
 
     with click.progressbar(length=count, label="writing pictures", file=sys.stderr) as bar:
         pictures = write_library(directory, count, seed, progress=bar.update)
     click.echo(f"wrote {len(pictures)} pictures and captions.jsonl to {directory}", err=True)
+    if pairs:
+        from indexer.demo_pairs import write_pairs
+
+        written = write_pairs(directory, pairs, seed + 7)
+        click.echo(f"wrote {len(written)} two-object pictures and pairs/captions.jsonl to {directory}", err=True)

@@ -14,6 +14,10 @@ NOTE = (
     "A new index takes one with: clipseek index DIR --index NAME --model MODEL --pretrained TAG\n"
     "Download one for later, or to copy to a machine without internet access: clipseek models fetch MODEL"
 )
+MATCHERS_NOTE = (
+    "Matchers (clipseek search --rerank [N] --matcher NAME): demo, bundled, for indexes of the demo model; "
+    "none yet for real photos."
+)
 
 
 @click.group(invoke_without_command=True)
@@ -55,6 +59,7 @@ def models(ctx: click.Context, bench: tuple[str, ...], as_json: bool) -> None:
     for line in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     click.echo("\n" + NOTE)
+    click.echo(MATCHERS_NOTE)
 
 
 def _bench(names: tuple[str, ...], as_json: bool) -> None:

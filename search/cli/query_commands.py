@@ -8,6 +8,7 @@ import re
 
 import click
 
+from indexer.config import DEFAULT_RERANK
 from search.cli.options import (
     device_option,
     index_option,
@@ -53,9 +54,13 @@ def _print_hits(hits, as_json, paths_only, header):
         for hit in hits:
             click.echo(hit.path if hit.modality == "image" else hit.caption)
     else:
+        reranked = any(hit.match is not None for hit in hits)
+        if reranked:
+            click.echo("cosine   match  (ordered by the matcher's probability of a match)")
         for hit in hits:
             where = hit.path if hit.modality == "image" else f"[{hit.collection}] {hit.caption}"
-            click.echo(f"{hit.score:6.3f}  {where}")
+            match = "" if not reranked else "     -  " if hit.match is None else f"{hit.match:6.3f}  "
+            click.echo(f"{hit.score:6.3f}  {match}{where}")
         if not hits:
             click.echo("no results", err=True)
 
@@ -83,6 +88,15 @@ def _cap(k: int) -> int:
 @click.option("--from", "date_from", metavar="DATE", help="Only pictures taken on or after DATE (YYYY-MM-DD).")
 @click.option("--to", "date_to", metavar="DATE", help="Only pictures taken on or before DATE.")
 @click.option("--min-score", type=float, help="Only results at least this similar.")
+@click.option(
+    "--rerank",
+    type=click.IntRange(min=1),
+    is_flag=False,
+    flag_value=DEFAULT_RERANK,
+    metavar="[N]",
+    help=f"Re-score the first N candidates (default {DEFAULT_RERANK}) with a matcher that reads the query with each.",
+)
+@click.option("--matcher", metavar="NAME", help="The matcher for --rerank (default: the one for the index's model).")
 @output_options
 @index_option
 @weights_option
@@ -102,6 +116,8 @@ def search(
     date_from,
     date_to,
     min_score,
+    rerank,
+    matcher,
     as_json,
     paths_only,
     index,
@@ -115,7 +131,10 @@ def search(
       clipseek search --image cat.jpg --add "at night"
       clipseek search beach --add dog --subtract people@0.5
       clipseek search --image cat.jpg --texts
+      clipseek search "a red circle on the left and a blue square on the right" --rerank
     """
+    if matcher is not None and rerank is None:
+        raise click.UsageError("--matcher chooses the matcher of --rerank: give --rerank too")
     from search.engine import SearchEngine
 
     query = _query(text, image, item, add, subtract, add_image)
@@ -132,8 +151,13 @@ def search(
             date_to=date_to,
             min_score=min_score,
             offset=offset,
+            rerank=rerank,
+            matcher=matcher,
         )
-    _print_hits(hits, as_json, paths_only, {"query": repr(query), "k": k, "offset": offset})
+    header = {"query": repr(query), "k": k, "offset": offset}
+    if rerank is not None:
+        header["rerank"] = rerank
+    _print_hits(hits, as_json, paths_only, header)
 
 
 @click.command()

@@ -40,6 +40,7 @@ from search.http import knn_service
 from search.http.context import ServerSettings, Workers, engine_of, run
 from search.http.schemas import (
     MAX_INTEGER,
+    MAX_RERANK,
     MAX_TEXT,
     ClassifyRequest,
     FilterFields,
@@ -162,6 +163,7 @@ async def _answer(request: Request, query: EngineQuery, fields) -> dict[str, Any
         "modality": fields.modality,
         "k": k,
         "offset": fields.offset,
+        **({"rerank": fields.rerank} if fields.rerank is not None else {}),
         "hits": [hit.to_dict() for hit in hits],
     }
 
@@ -185,12 +187,13 @@ def _search_routes(api: APIRouter) -> None:
         modality: Annotated[str, Form(pattern="^(image|text)$")] = "image",
         k: Annotated[int, Form(ge=1, le=MAX_INTEGER)] = 10,
         offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
+        rerank: Annotated[int | None, Form(ge=1, le=MAX_RERANK, description="captions re-scored by a matcher")] = None,
     ) -> dict[str, Any]:
         """A multipart upload: `curl -F image=@cat.jpg -F k=5 http://127.0.0.1:8000/search/image`."""
         query = EngineQuery.image(await image.read())
         if text:
             query += EngineQuery.text(text)
-        return await _answer(request, query, FilterFields(modality=modality, k=k, offset=offset))
+        return await _answer(request, query, FilterFields(modality=modality, k=k, offset=offset, rerank=rerank))
 
 
 # -- items -------------------------------------------------------------------------------------

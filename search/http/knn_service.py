@@ -24,7 +24,7 @@ from indexer.errors import ItemNotFoundError, QueryError
 from search.engine import MAX_K
 from search.engine import Query as EngineQuery
 from search.http.context import engine_of, link, run
-from search.http.schemas import MAX_TEXT, ItemId, given, image_bytes, whole
+from search.http.schemas import MAX_RERANK, MAX_TEXT, ItemId, given, image_bytes, whole
 from search.http.strict_input import StrictRoute
 from search.http.url_fetch import fetch_image
 
@@ -51,6 +51,7 @@ class KnnRequest(BaseModel):
     modality: str = "image"
     num_images: whole(0) = 40
     num_result_ids: whole(1) | None = None
+    rerank: whole(1, MAX_RERANK) | None = None  # clipseek's own: the first N re-scored by the index's matcher
     indice_name: str | None = None
 
 
@@ -109,10 +110,15 @@ async def knn_service(request: Request) -> list[dict[str, Any]]:
     query = await _query(request, body)
     k = min(body.num_result_ids or body.num_images or 1, MAX_K)
     modality = "image" if body.modality == "image" else "text"
-    hits = await run(request, engine_of(request).search, query, k, modality)
+    hits = await run(request, engine_of(request).search, query, k, modality, rerank=body.rerank)
     shown = body.num_images
     return [
-        {**(await _metadata(request, hit.id) if rank < shown else {}), "id": hit.id, "similarity": hit.score}
+        {
+            **(await _metadata(request, hit.id) if rank < shown else {}),
+            "id": hit.id,
+            "similarity": hit.score,
+            **({"match": hit.match} if hit.match is not None else {}),
+        }
         for rank, hit in enumerate(hits)
     ]
 

@@ -24,6 +24,7 @@ MAX_NAME = 200  # characters in a collection's, a concept's or a blocklist's nam
 MAX_PATH = 4096  # characters in a path or a glob (Linux's PATH_MAX)
 MAX_CONCEPTS = 64  # concepts or blocklists in an inline policy
 MAX_PROMPTS = 32  # prompts per concept
+MAX_RERANK = 200  # candidates one request may have re-scored: each is a picture read and a matcher pass
 # The largest id or count accepted: the largest integer every JSON client reads exactly (JavaScript's
 # numbers; OpenAPI states bounds as doubles too), far beyond any real index or count, within SQLite's ids.
 MAX_INTEGER = 2**53 - 1
@@ -102,9 +103,17 @@ class FilterFields(_Strict):
     date_from: str | None = Field(None, max_length=10, description="YYYY-MM-DD, inclusive.")
     date_to: str | None = Field(None, max_length=10, description="YYYY-MM-DD, inclusive.")
     min_score: float | None = Field(None, ge=-1, le=1)
+    rerank: whole(1, MAX_RERANK) | None = Field(
+        None, description="Re-score the first N candidates with a matcher and order them by its probability."
+    )
+    matcher: str | None = Field(
+        None, max_length=MAX_NAME, description="The matcher of `rerank` (default: the index's)."
+    )
 
     def filters(self) -> dict[str, Any]:
-        return self.model_dump(include={"path", "collection", "date_from", "date_to", "min_score", "offset"})
+        return self.model_dump(
+            include={"path", "collection", "date_from", "date_to", "min_score", "offset", "rerank", "matcher"}
+        )
 
 
 class SearchParams(FilterFields):

@@ -22,6 +22,7 @@ from tests.bench import (
     postgres_bench,
     query_bench,
     ray_bench,
+    rerank_bench,
     server_bench,
 )
 from tests.bench.report import into_readme, machine, markdown
@@ -37,6 +38,7 @@ SECTIONS = {
     "moderation": moderation_bench.run,
     "models": models_bench.run,
     "postgres": postgres_bench.run,
+    "rerank": rerank_bench.run,
 }
 
 
