@@ -42,6 +42,7 @@ __all__ = [
     "cuda_provider",
     "file_checksum",
     "probe_picture",
+    "token_ends",
 ]
 
 FORMAT = 5  # of the export folder; an export of another format is made again
@@ -79,6 +80,17 @@ def probe_picture() -> Image.Image:
     y, x = np.mgrid[0:256, 0:256].astype(np.float32)
     rgb = np.stack([x, y, 128 + 127 * np.sin(x / 9) * np.cos(y / 13)], axis=-1)
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def token_ends(tokens: np.ndarray, pool: str, special: int | None) -> np.ndarray:
+    """Where each row's last token that the tower's vector depends on is, for trimming: the end
+    token, the highest id ("argmax") or the `special` id ("eos"); or, for a tower that masks
+    its padding ("mask"), the last token that is not the padding id `special`."""
+    if pool == "argmax":
+        return tokens.argmax(1)
+    if pool == "eos":
+        return (tokens == special).argmax(1)
+    return tokens.shape[1] - 1 - (tokens != special)[:, ::-1].argmax(1)
 
 
 def cuda_provider() -> bool:
@@ -208,12 +220,12 @@ class OnnxEncoder:
         return out
 
     def _ends(self, tokens: np.ndarray) -> np.ndarray:
-        """Where each text's pooled token is: the end token (the highest id, for argmax pooling)."""
         text = self.manifest["text"]
-        return tokens.argmax(1) if text["pool"] == "argmax" else (tokens == text["eos_id"]).argmax(1)
+        return token_ends(tokens, text["pool"], text["pad_id"] if text["pool"] == "mask" else text["eos_id"])
 
     def _cut(self, tokens: np.ndarray) -> np.ndarray:
-        """A batch cut after its last pooled token: causal attention makes the padding after it irrelevant."""
+        """A batch cut after its last token that matters: causal attention, or a mask over the
+        padding, makes the padding after it irrelevant."""
         return tokens[:, : int(self._ends(tokens).max()) + 1]
 
     # -- loading and checking the towers ---------------------------------------------------

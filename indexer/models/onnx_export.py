@@ -32,7 +32,7 @@ from open_clip import tokenizer as clip_tokenizer
 from torch.export import Dim
 
 from indexer.errors import ModelError
-from indexer.models.encoder import Encoder, eos_id, text_forward
+from indexer.models.encoder import Encoder, special_id, text_forward
 from indexer.models.identity import ModelId
 from indexer.models.onnx_encoder import (
     FORMAT,
@@ -135,7 +135,8 @@ def _text_settings(encoder: Encoder) -> dict:
         "clean": CLEANERS[tokenizer.clean_fn],
         "trim": pooling is not None,
         "pool": pooling[1] if pooling else "argmax",
-        "eos_id": eos_id(pooling[0]) if pooling else None,
+        "eos_id": special_id(*pooling) if pooling and pooling[1] == "eos" else None,
+        "pad_id": special_id(*pooling) if pooling and pooling[1] == "mask" else None,
     }
 
 
