@@ -39,6 +39,7 @@ def exported(request, tmp_path_factory):
 def _embeds_like_torch(encoder: Encoder, onnx: OnnxEncoder) -> None:
     text = onnx.manifest["text"]
     assert (text["tokenizer"], text["trim"], text["pool"]) == ("hf", True, "mask")
+    assert onnx.logit_bias == encoder.logit_bias, "the score scale is recorded with the export"
     np.testing.assert_array_equal(onnx.tokenizer(TEXTS), encoder.tokenizer(TEXTS).numpy())
     if onnx.tokenizer.family == "NllbTokenizer":  # open_clip tokenises in the config's language: English
         assert (onnx.tokenizer(QUERIES)[:, 0] == onnx.tokenizer.tokenizer.token_to_id("eng_Latn")).all()

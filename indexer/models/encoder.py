@@ -329,6 +329,12 @@ class Encoder:
         return float(self.model.logit_scale.detach().exp())
 
     @property
+    def logit_bias(self) -> float | None:
+        """The sigmoid loss's learned bias (SigLIP's family); None for a model trained with CLIP's softmax."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach())
+
+    @property
     def trims_text(self) -> bool:
         """Whether embed_texts drops padding tokens (only where that is exact)."""
         return self._trim is not None

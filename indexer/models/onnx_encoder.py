@@ -45,7 +45,7 @@ __all__ = [
     "token_ends",
 ]
 
-FORMAT = 5  # of the export folder; an export of another format is made again
+FORMAT = 6  # of the export folder; an export of another format is made again (6: the logit bias recorded)
 MANIFEST = "manifest.json"
 PROBE_TEXT = "a photo of a cat sunbathing on a windowsill"
 PROBE_COSINE = 0.9999  # a tower must give at least this cosine to its exported probe vector
@@ -165,6 +165,7 @@ class OnnxEncoder:
         self.manifest = manifest
         self.model_id = model_id
         self.logit_scale: float = manifest["logit_scale"]
+        self.logit_bias: float | None = manifest["logit_bias"]
         self.preprocess = Preprocess.from_dict(manifest["image"]["preprocess"])
         self._tokenizer: ClipTokenizer | HfTokenizer | None = None
         self.int8_towers = frozenset({"text", "image"} if self._int8 == "all" else ())

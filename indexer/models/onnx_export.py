@@ -104,6 +104,7 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
             "format": FORMAT,
             "model": encoder.model_id.to_dict(),
             "logit_scale": encoder.logit_scale,
+            "logit_bias": encoder.logit_bias,
             "text": text,
             "image": image,
             "exported_with": {"torch": torch.__version__, "open_clip": open_clip.__version__},

@@ -9,6 +9,7 @@ import re
 import click
 
 from search.cli.options import (
+    MinScore,
     device_option,
     index_option,
     json_option,
@@ -82,7 +83,11 @@ def _cap(k: int) -> int:
 @click.option("--collection", help="Only captions of this collection.")
 @click.option("--from", "date_from", metavar="DATE", help="Only pictures taken on or after DATE (YYYY-MM-DD).")
 @click.option("--to", "date_to", metavar="DATE", help="Only pictures taken on or before DATE.")
-@click.option("--min-score", type=float, help="Only results at least this similar.")
+@click.option(
+    "--min-score",
+    type=MinScore(),
+    help="Only results at least this similar; `match`: from where the model (SigLIP's kind) sees a match.",
+)
 @output_options
 @index_option
 @weights_option

@@ -101,7 +101,10 @@ class FilterFields(_Strict):
     collection: str | None = Field(None, max_length=MAX_NAME)
     date_from: str | None = Field(None, max_length=10, description="YYYY-MM-DD, inclusive.")
     date_to: str | None = Field(None, max_length=10, description="YYYY-MM-DD, inclusive.")
-    min_score: float | None = Field(None, ge=-1, le=1)
+    min_score: Annotated[float, Field(ge=-1, le=1)] | Literal["match"] | None = Field(
+        None,
+        description="A cosine, or 'match': from where the model (sigmoid-trained) sees a text and a picture match.",
+    )
 
     def filters(self) -> dict[str, Any]:
         return self.model_dump(include={"path", "collection", "date_from", "date_to", "min_score", "offset"})
