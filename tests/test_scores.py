@@ -31,7 +31,7 @@ def sigmoid_index(tmp_path_factory):
     library = root / "library"
     pictures = write_library(library, count=12, seed=5)
     (root / "model").mkdir()
-    name = register(root / "model", "nllb-clip-base-siglip", tiny=True)
+    name = register(root / "model", "nllb-clip-base-siglip", "tiny")
     encoder = load_encoder(name, "random")
     images = [Image.open(library / picture.path).convert("RGB") for picture in pictures]
     scores = (encoder.embed_texts([QUERY]) @ encoder.embed_images(images).T)[0]

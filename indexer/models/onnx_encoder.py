@@ -4,9 +4,10 @@
     encoder.embed_texts(["a cat sunbathing"])    # (1, dim) float32, the torch path's vectors
 
 An export is a folder: the text and image towers as ONNX files, the tokenizer's files (CLIP's
-merges, or a Hugging Face tokenizer's folder: SigLIP, SigLIP 2) and a manifest.json saying which
-model they are (its ModelId), how to tokenise and preprocess, and what each tower gave for a
-fixed probe when it was exported. Each tower also has a copy with 8-bit weights; a query's text
+merges, or a Hugging Face tokenizer's folder: SigLIP, SigLIP 2, the multilingual models) and a
+manifest.json saying which model they are (its ModelId), how to tokenise, trim and preprocess,
+its score scale (logit scale and bias), and what each tower gave for a fixed probe when it was
+exported. Each tower also has a copy with 8-bit weights; a query's text
 goes through it where the export measured it faithful (see OnnxEncoder). Each tower is loaded
 on its first use; its files must have their recorded sizes and checksums, and it must
 reproduce its probe (cosine ≥ PROBE_COSINE), before it embeds anything: a damaged file gives an

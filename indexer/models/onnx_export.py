@@ -7,9 +7,10 @@ tokens, as the torch path does (where the tower allows it: see Encoder.text_pool
 export is put in place, ONNX Runtime must reproduce torch's vectors for a probe text and a
 probe picture, and the torch-free tokenizer open_clip's token ids for the probe texts. The
 tokenizer's files go beside the towers: CLIP's merges, or a Hugging Face tokenizer's
-tokenizer.json and config (SigLIP, SigLIP 2). A model that cannot be exported (a tokenizer not
-ported, another kind of preprocessing, an operator the exporter lacks) raises NotExportableError
-with the reason, and keeps the torch path.
+tokenizer.json and config (SigLIP, SigLIP 2, the multilingual models, whose Hugging Face text
+towers are exported with the attention mask they derive from the padding). A model that cannot
+be exported (a tokenizer not ported, another kind of preprocessing, an operator the exporter
+lacks) raises NotExportableError with the reason, and keeps the torch path.
 
 Besides indexer/encoder.py, this is the one module that imports torch and open_clip.
 """

@@ -19,6 +19,7 @@ from tests.bench import (
     indexer_bench,
     models_bench,
     moderation_bench,
+    multilingual_bench,
     query_bench,
     ray_bench,
     server_bench,
@@ -35,6 +36,7 @@ SECTIONS = {
     "server": server_bench.run,
     "moderation": moderation_bench.run,
     "models": models_bench.run,
+    "multilingual": multilingual_bench.run,
 }
 
 
