@@ -1,15 +1,15 @@
 """What a model's cosine similarities mean: its score scale, recorded with the model.
 
-    scale = ScoreScale(logit_scale=117.3, logit_bias=-12.9)   # a SigLIP model
-    scale.match_cosine      # 0.11: from here the model gives a text and a picture even odds
+    scale = ScoreScale(logit_scale=110.0, logit_bias=-11.0)   # as a sigmoid-trained model learns them
+    scale.match_cosine      # 0.1: from here the model gives a text and a picture even odds
 
 Every model scores with the cosine of two unit vectors, but training puts matching pairs at
 different cosines. CLIP's softmax loss only ranks the captions of one batch against each other:
 its cosines order results, and no cosine says that a text and a picture match (matching pairs
 commonly sit around 0.25 to 0.35). SigLIP's sigmoid loss (SigLIP, SigLIP 2, NLLB-SigLIP) judges
 each pair on its own, sigmoid(logit_scale · cosine + logit_bias), so such a model has a cosine of
-its own where a pair becomes more likely a match than not; its cosines sit lower than CLIP's
-(a match from about 0.1). A threshold on text–picture scores therefore holds for one model only,
+its own where a pair becomes more likely a match than not; its text–picture cosines sit lower
+than CLIP's. A threshold on text–picture scores therefore holds for one model only,
 and `match_cosine` is the one threshold that carries over between sigmoid models.
 """
 
@@ -42,8 +42,3 @@ class ScoreScale:
         if self.logit_bias is None:
             return None
         return 1 / (1 + math.exp(-(self.logit_scale * cosine + self.logit_bias)))
-
-    def describe(self) -> str:
-        if self.logit_bias is None:
-            return "cosine (softmax-trained: scores rank results; no score says a text and a picture match)"
-        return f"cosine (sigmoid-trained: a text and a picture match at even odds from {self.match_cosine:.3f})"
