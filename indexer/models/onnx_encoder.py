@@ -46,7 +46,7 @@ __all__ = [
     "token_ends",
 ]
 
-FORMAT = 6  # of the export folder; an export of another format is made again (6: the logit bias recorded)
+FORMAT = 6  # of the export folder; an export of another format is made again (6: logit bias, int8 weights apart)
 MANIFEST = "manifest.json"
 PROBE_TEXT = "a photo of a cat sunbathing on a windowsill"
 PROBE_COSINE = 0.9999  # a tower must give at least this cosine to its exported probe vector
