@@ -31,6 +31,7 @@ import numpy as np
 from indexer.config import index_location
 from indexer.errors import BadFileError, ItemNotFoundError, PixelBudgetError, QueryError
 from indexer.models.devices import CPU, Placement, place
+from indexer.models.scores import MATCH, ScoreScale
 from indexer.sources.pictures import decode_image, to_rgb
 from indexer.store import MODALITIES, Filters, Store
 from search.query import Hit, Query
@@ -122,6 +123,12 @@ class SearchEngine:
                 self._encoder = encoder_for(self.store, self._checkpoint, self._offline, self._placement)
             return self._encoder
 
+    @property
+    def score_scale(self) -> ScoreScale:
+        """What the index's model's scores mean (indexer.models.scores): its temperature and, for
+        a model trained with the sigmoid loss, the bias that puts its cosines on a scale of their own."""
+        return ScoreScale(self.encoder.logit_scale, self.encoder.logit_bias)
+
     # -- queries ---------------------------------------------------------------------------
 
     def embed(self, query: Any) -> np.ndarray:
@@ -177,7 +184,7 @@ class SearchEngine:
         collection: str | None = None,
         date_from: str | None = None,
         date_to: str | None = None,
-        min_score: float | None = None,
+        min_score: float | str | None = None,
         offset: int = 0,
         rerank: int | None = None,
         matcher: str | None = None,
@@ -186,7 +193,9 @@ class SearchEngine:
 
         Filters: `path`, a folder prefix or a glob (`*`, `?`, `[…]`) on the picture's path;
         `collection`; `date_from` / `date_to` (ISO dates, inclusive) on the date taken (EXIF,
-        else the file's time); `min_score`. With filters the result is still the top k among the
+        else the file's time); `min_score`, a cosine, or MATCH ("match"): from the cosine at which
+        the model itself gives a text and a picture even odds (sigmoid-trained models, a text
+        against pictures or a picture against captions). With filters the result is still the top k among the
         matching items: exact with a flat index (the default while exact search is fast) or a filter
         matching up to 20,000, else as approximate as the index (its recall is in `status`),
         but never fewer than k when k match. k is capped at MAX_K.
@@ -209,6 +218,7 @@ class SearchEngine:
                 raise QueryError(f"rerank must be at least 1, not {rerank}")
             reranking = (self.matcher(matcher), min(rerank, MAX_K), query)
         filters = Filters(path, collection, date_from, date_to)
+        min_score = self._minimum(Query.of(query), modality, min_score)
         if collection is not None and collection not in self.store.catalog.collections():
             known = ", ".join(self.store.catalog.collections()) or "none"
             raise QueryError(f"no collection '{collection}' in the index (collections: {known})")
@@ -224,6 +234,24 @@ class SearchEngine:
         finally:
             loading.join()
         return self._nearest(vector, modality, k, offset, filters, min_score, reranking)
+
+    def _minimum(self, query: Query, modality: str, min_score: float | str | None) -> float | None:
+        if min_score != MATCH:
+            return min_score
+        kinds = {kind for _, kind, _ in query.terms}
+        if not ((kinds == {"text"} and modality == "image") or (kinds == {"image"} and modality == "text")):
+            raise QueryError(
+                "a minimum score of 'match' is for a text against pictures or a picture against captions, "
+                "the pairs the model was trained to judge: give a number"
+            )
+        cosine = self.score_scale.match_cosine
+        if cosine is None:
+            raise QueryError(
+                f"{self.store.model_id.architecture} was trained with CLIP's softmax loss: its scores rank "
+                "results, and no score of its own says that a text and a picture match; give a number "
+                "(matching pairs commonly score 0.25 to 0.35 with CLIP models)"
+            )
+        return cosine
 
     def _nearest(
         self,

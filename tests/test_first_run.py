@@ -200,6 +200,7 @@ def test_models_lists_the_choices_and_fetch_caches_one_for_offline_use(tmp_path)
 
     table = runner.invoke(cli, ["models"], env=env)
     assert "ViT-B-32  " in table.output and "66.6%" in table.output and "clipseek models fetch" in table.output
+    assert "Not on the ONNX path" not in table.output
 
     with serving_hub() as server:
         fetched = runner.invoke(cli, ["models", "fetch", HUB_MODEL, "--json"], env={**env, "HF_ENDPOINT": server.url})
@@ -272,3 +273,19 @@ def test_a_hugging_face_tokenizer_is_fetched_once_and_missing_it_fails_at_once(t
     )
     report = json.loads(result.stdout)
     assert "tokenizer files of ViT-B-16-SigLIP" in report["message"] and not report["torch"], report
+
+
+def test_models_says_why_a_model_is_not_on_the_onnx_path(tmp_path, monkeypatch):
+    from indexer.models import backend
+    from indexer.models.identity import ModelId
+
+    monkeypatch.setenv("CLIPSEEK_CACHE", str(tmp_path / "cache"))
+    choice = next(choice for choice in CHOICES if choice.architecture == "xlm-roberta-base-ViT-B-32")
+    model_id = ModelId(choice.architecture, choice.pretrained, None, choice.dim, choice.image_size)
+    reason = "the ONNX exporter failed on text tower: an operator it lacks"
+    backend._refuse(backend.export_dir(model_id), reason)  # as a failed export records it
+    table = CliRunner().invoke(cli, ["models"], env=_env(tmp_path))
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.output.splitlines() if line.startswith("xlm-roberta-base-ViT-B-32 "))
+    assert row.rstrip().endswith("no (torch)")
+    assert f"Not on the ONNX path:\n  xlm-roberta-base-ViT-B-32 / laion5b_s13b_b90k: {reason}\n" in table.output

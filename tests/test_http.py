@@ -375,3 +375,14 @@ def test_without_fetch_urls_image_url_is_off_timeouts_are_504_and_openapi_descri
         assert {"/search", "/search/image", "/items/{item_id}/thumbnail", "/moderate", "/knn-service"} <= set(paths)
         assert "<title>clipseek</title>" in httpx.get(url).text
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_minimum_score_is_a_cosine_or_match(client):
+    """The demo model is trained with CLIP's softmax: no score of its own says "a match", and the answer says why."""
+    scores = [hit["score"] for hit in client.get("/search", params={"text": "a large red circle"}).json()["hits"]]
+    kept = client.get("/search", params={"text": "a large red circle", "min_score": scores[2]}).json()["hits"]
+    assert [hit["score"] for hit in kept] == scores[:3]
+    refused = client.post("/search", json={"text": "a large red circle", "min_score": "match"})
+    assert refused.status_code == 400 and "trained with CLIP's softmax loss" in refused.json()["detail"]
+    assert client.get("/search", params={"text": "red", "min_score": "likely"}).status_code == 422
+    assert client.get("/search", params={"text": "red", "min_score": 1.5}).status_code == 422

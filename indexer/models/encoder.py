@@ -24,6 +24,7 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.factory import load_state_dict
+from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder, MeanPooler
 from open_clip.transformer import TextTransformer, text_global_pool
 from PIL import Image
 
@@ -39,7 +40,7 @@ from indexer.models.identity import (
     demo_config,
     sha256_file,
 )
-from indexer.models.onnx_encoder import probe_picture
+from indexer.models.onnx_encoder import probe_picture, token_ends
 from indexer.models.pixels import Preprocess, embed_in_batches
 
 __all__ = ["HALF_COSINE", "Encoder", "fetch_weights", "load_encoder", "torch_devices"]
@@ -240,18 +241,32 @@ def _quiet_logging():
         logging.disable(logging.NOTSET)
 
 
-def _trim_pool(model: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+# Hugging Face poolers that read only the tokens the attention mask keeps: the mean over them, or
+# the first (class) token. (open_clip's MaxPooler fills the kept tokens, not the padding, and
+# would not survive trimming.)
+MASKED_POOLERS = (MeanPooler, ClsPooler, ClsLastHiddenStatePooler)
+
+
+def _trim_pool(model: torch.nn.Module, tokenizer) -> tuple[torch.nn.Module, str] | None:
     """The text tower and its pooling when trimming padding leaves the embedding unchanged.
 
     That holds where attention is causal (no token sees the padding after it) and the pooled
-    token is the end-of-text token, which trimming keeps: OpenAI-style towers such as ViT-B-32.
-    It does not hold for bidirectional towers (MobileCLIP-S1/S2, SigLIP), appended class
-    tokens (CoCa) or Hugging Face text models.
+    token is the end-of-text token, which trimming keeps: OpenAI-style towers such as ViT-B-32
+    ("argmax" or "eos"). It holds too for Hugging Face text towers (XLM-RoBERTa, NLLB), which
+    mask their padding out of attention and pool over the tokens the mask keeps, where the
+    padding is on the right ("mask": positions are counted from the start, so cutting the end
+    changes none). It does not hold for bidirectional towers without a mask (MobileCLIP-S1/S2,
+    SigLIP), appended class tokens (CoCa) or padding on the left (Gemma's, for SigLIP 2).
     """
+    text = getattr(model, "text", None)
+    if isinstance(text, HFTextEncoder):
+        padding_side = getattr(getattr(tokenizer, "tokenizer", None), "padding_side", None)
+        exact = isinstance(text.pooler, MASKED_POOLERS) and padding_side == "right"
+        return (text, "mask") if exact and text.config.pad_token_id is not None else None
     if isinstance(model, open_clip.CLIP):
         tower, pool = model, model.text_pool_type
-    elif isinstance(getattr(model, "text", None), TextTransformer):
-        tower, pool = model.text, model.text.pool_type
+    elif isinstance(text, TextTransformer):
+        tower, pool = text, text.pool_type
         if tower.cls_emb is not None or tower.use_pad_mask:
             return None
     else:
@@ -274,7 +289,7 @@ class Encoder:
         self.model_id = model_id
         self.device = device
         self.half_pictures = False  # pictures through float16 autocast (to_device measures whether it is faithful)
-        self._trim = _trim_pool(model)
+        self._trim = _trim_pool(model, tokenizer)
 
     def to_device(self, device: str, half: bool | None = None) -> Encoder:
         """Move the model to `device` ("cpu", "cuda:N", "mps"); returns self.
@@ -316,6 +331,12 @@ class Encoder:
         return float(self.model.logit_scale.detach().exp())
 
     @property
+    def logit_bias(self) -> float | None:
+        """The sigmoid loss's learned bias (SigLIP's family); None for a model trained with CLIP's softmax."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach())
+
+    @property
     def trims_text(self) -> bool:
         """Whether embed_texts drops padding tokens (only where that is exact)."""
         return self._trim is not None
@@ -354,7 +375,7 @@ class Encoder:
         tokens = self.tokenizer(list(texts))
         out = np.zeros((len(texts), self.model_id.dim), np.float32)
         trim = trim and self._trim is not None
-        order = torch.argsort((tokens != 0).sum(1), descending=True) if trim else torch.arange(len(texts))
+        order = torch.argsort(self._ends(tokens), descending=True, stable=True) if trim else torch.arange(len(texts))
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 rows = order[start : start + batch_size]
@@ -363,14 +384,18 @@ class Encoder:
                 out[rows.numpy()] = vectors.float().cpu().numpy()
         return out
 
+    def _ends(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Where each text's last token that matters is (see token_ends)."""
+        tower, pool = self._trim
+        return torch.from_numpy(token_ends(tokens.numpy(), pool, special_id(tower, pool)))
+
     def _encode_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
         tower, pool = self._trim
-        ends = tokens.argmax(-1) if pool == "argmax" else (tokens == eos_id(tower)).int().argmax(-1)
-        return text_forward(tower, pool, tokens[:, : int(ends.max()) + 1])
+        return text_forward(tower, pool, tokens[:, : int(self._ends(tokens).max()) + 1])
 
     @property
     def text_pooling(self) -> tuple[torch.nn.Module, str] | None:
-        """The text tower and its pooling ("argmax" or "eos") where trimming is exact, else None."""
+        """The text tower and its pooling ("argmax", "eos" or "mask") where trimming is exact, else None."""
         return self._trim
 
 
@@ -401,9 +426,17 @@ def eos_id(tower: torch.nn.Module) -> int | None:
     return getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
 
 
+def special_id(tower: torch.nn.Module, pool: str) -> int | None:
+    """The token that token_ends looks for: the end token ("eos"), the padding ("mask"), none ("argmax")."""
+    return tower.config.pad_token_id if pool == "mask" else eos_id(tower)
+
+
 def text_forward(tower: torch.nn.Module, pool: str, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's text forward (CLIP.encode_text / TextTransformer.forward) on tokens cut to any
-    length n: position embeddings and the causal mask are cut to n too. The ONNX export traces it."""
+    length n: position embeddings and the causal mask are cut to n too; a Hugging Face tower
+    ("mask") takes any length as it is. The ONNX export traces it."""
+    if pool == "mask":
+        return torch.nn.functional.normalize(tower(tokens), dim=-1)
     n = tokens.shape[1]
     cast = tower.transformer.get_cast_dtype()
     x = tower.token_embedding(tokens).to(cast) + tower.positional_embedding[:n].to(cast)

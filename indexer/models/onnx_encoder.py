@@ -4,9 +4,10 @@
     encoder.embed_texts(["a cat sunbathing"])    # (1, dim) float32, the torch path's vectors
 
 An export is a folder: the text and image towers as ONNX files, the tokenizer's files (CLIP's
-merges, or a Hugging Face tokenizer's folder: SigLIP, SigLIP 2) and a manifest.json saying which
-model they are (its ModelId), how to tokenise and preprocess, and what each tower gave for a
-fixed probe when it was exported. Each tower also has a copy with 8-bit weights; a query's text
+merges, or a Hugging Face tokenizer's folder: SigLIP, SigLIP 2, the multilingual models) and a
+manifest.json saying which model they are (its ModelId), how to tokenise, trim and preprocess,
+its score scale (logit scale and bias), and what each tower gave for a fixed probe when it was
+exported. Each tower also has a copy with 8-bit weights; a query's text
 goes through it where the export measured it faithful (see OnnxEncoder). Each tower is loaded
 on its first use; its files must have their recorded sizes and checksums, and it must
 reproduce its probe (cosine ≥ PROBE_COSINE), before it embeds anything: a damaged file gives an
@@ -42,9 +43,10 @@ __all__ = [
     "cuda_provider",
     "file_checksum",
     "probe_picture",
+    "token_ends",
 ]
 
-FORMAT = 5  # of the export folder; an export of another format is made again
+FORMAT = 6  # of the export folder; an export of another format is made again (6: logit bias, int8 weights apart)
 MANIFEST = "manifest.json"
 PROBE_TEXT = "a photo of a cat sunbathing on a windowsill"
 PROBE_COSINE = 0.9999  # a tower must give at least this cosine to its exported probe vector
@@ -79,6 +81,17 @@ def probe_picture() -> Image.Image:
     y, x = np.mgrid[0:256, 0:256].astype(np.float32)
     rgb = np.stack([x, y, 128 + 127 * np.sin(x / 9) * np.cos(y / 13)], axis=-1)
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def token_ends(tokens: np.ndarray, pool: str, special: int | None) -> np.ndarray:
+    """Where each row's last token that the tower's vector depends on is, for trimming: the end
+    token, the highest id ("argmax") or the `special` id ("eos"); or, for a tower that masks
+    its padding ("mask"), the last token that is not the padding id `special`."""
+    if pool == "argmax":
+        return tokens.argmax(1)
+    if pool == "eos":
+        return (tokens == special).argmax(1)
+    return tokens.shape[1] - 1 - (tokens != special)[:, ::-1].argmax(1)
 
 
 def cuda_provider() -> bool:
@@ -153,6 +166,7 @@ class OnnxEncoder:
         self.manifest = manifest
         self.model_id = model_id
         self.logit_scale: float = manifest["logit_scale"]
+        self.logit_bias: float | None = manifest["logit_bias"]
         self.preprocess = Preprocess.from_dict(manifest["image"]["preprocess"])
         self.pixel_preprocess = self.preprocess  # the indexer's decoding processes run it: it pickles
         self._tokenizer: ClipTokenizer | HfTokenizer | None = None
@@ -209,12 +223,12 @@ class OnnxEncoder:
         return out
 
     def _ends(self, tokens: np.ndarray) -> np.ndarray:
-        """Where each text's pooled token is: the end token (the highest id, for argmax pooling)."""
         text = self.manifest["text"]
-        return tokens.argmax(1) if text["pool"] == "argmax" else (tokens == text["eos_id"]).argmax(1)
+        return token_ends(tokens, text["pool"], text["pad_id"] if text["pool"] == "mask" else text["eos_id"])
 
     def _cut(self, tokens: np.ndarray) -> np.ndarray:
-        """A batch cut after its last pooled token: causal attention makes the padding after it irrelevant."""
+        """A batch cut after its last token that matters: causal attention, or a mask over the
+        padding, makes the padding after it irrelevant."""
         return tokens[:, : int(self._ends(tokens).max()) + 1]
 
     # -- loading and checking the towers ---------------------------------------------------

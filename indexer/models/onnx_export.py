@@ -7,9 +7,10 @@ tokens, as the torch path does (where the tower allows it: see Encoder.text_pool
 export is put in place, ONNX Runtime must reproduce torch's vectors for a probe text and a
 probe picture, and the torch-free tokenizer open_clip's token ids for the probe texts. The
 tokenizer's files go beside the towers: CLIP's merges, or a Hugging Face tokenizer's
-tokenizer.json and config (SigLIP, SigLIP 2). A model that cannot be exported (a tokenizer not
-ported, another kind of preprocessing, an operator the exporter lacks) raises NotExportableError
-with the reason, and keeps the torch path.
+tokenizer.json and config (SigLIP, SigLIP 2, the multilingual models, whose Hugging Face text
+towers are exported with the attention mask they derive from the padding). A model that cannot
+be exported (a tokenizer not ported, another kind of preprocessing, an operator the exporter
+lacks) raises NotExportableError with the reason, and keeps the torch path.
 
 Besides indexer/encoder.py, this is the one module that imports torch and open_clip.
 """
@@ -32,7 +33,7 @@ from open_clip import tokenizer as clip_tokenizer
 from torch.export import Dim
 
 from indexer.errors import ModelError
-from indexer.models.encoder import Encoder, eos_id, text_forward
+from indexer.models.encoder import Encoder, special_id, text_forward
 from indexer.models.identity import ModelId
 from indexer.models.onnx_encoder import (
     FORMAT,
@@ -104,6 +105,7 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
             "format": FORMAT,
             "model": encoder.model_id.to_dict(),
             "logit_scale": encoder.logit_scale,
+            "logit_bias": encoder.logit_bias,
             "text": text,
             "image": image,
             "exported_with": {"torch": torch.__version__, "open_clip": open_clip.__version__},
@@ -135,7 +137,8 @@ def _text_settings(encoder: Encoder) -> dict:
         "clean": CLEANERS[tokenizer.clean_fn],
         "trim": pooling is not None,
         "pool": pooling[1] if pooling else "argmax",
-        "eos_id": eos_id(pooling[0]) if pooling else None,
+        "eos_id": special_id(*pooling) if pooling and pooling[1] == "eos" else None,
+        "pad_id": special_id(*pooling) if pooling and pooling[1] == "mask" else None,
     }
 
 
@@ -209,9 +212,16 @@ def _quantize(work: Path, manifest: dict) -> None:
 
     for tower in ("text", "image"):
         quantized = work / f"{tower}.int8.onnx"
+        # The weights in a file of their own beside the graph: ONNX Runtime reads them three times
+        # as fast as weights inside the graph's protobuf (xlm-roberta-base's 280 MB text tower
+        # opens in 0.5 s instead of 1.4 s), which a cold query waits for.
         with _quiet():
-            quantize_dynamic(work / f"{tower}.onnx", quantized, weight_type=QuantType.QInt8, per_channel=True)
-        files = {quantized.name: (quantized.stat().st_size, file_checksum(quantized))}
+            quantize_dynamic(
+                work / f"{tower}.onnx", quantized, weight_type=QuantType.QInt8, per_channel=True,
+                use_external_data_format=True,
+            )  # fmt: skip
+        parts = sorted(work.glob(f"{quantized.name}*"))  # the graph and its weights' file
+        files = {file.name: (file.stat().st_size, file_checksum(file)) for file in parts}
         manifest[f"{tower}_int8"] = {"model": quantized.name, "files": files, "probe": None, "cosine": 0.0}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     model_id = ModelId.from_dict(manifest["model"])

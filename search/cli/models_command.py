@@ -58,6 +58,11 @@ def models(ctx: click.Context, bench: tuple[str, ...], as_json: bool) -> None:
     widths = [max(len(line[column]) for line in table) for column in range(len(header))]
     for line in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    refused = [row for row in rows if row["onnx"] is False]
+    if refused:  # the runtime says why: "torch: <the exporter's reason>"
+        click.echo("\nNot on the ONNX path:")
+        for row in refused:
+            click.echo(f"  {row['model']} / {row['pretrained']}: {row['runtime'].removeprefix('torch: ')}")
     click.echo("\n" + NOTE)
     click.echo(MATCHERS_NOTE)
 

@@ -116,3 +116,22 @@ output_options = options(
     json_option,
     click.option("--paths", "paths_only", is_flag=True, help="Print only paths (or captions), one a line."),
 )
+
+
+class MinScore(click.ParamType):
+    """A cosine between -1 and 1, or `match`: the model's own even odds (indexer.models.scores)."""
+
+    name = "SCORE|match"
+
+    def convert(self, value, param, ctx):
+        from indexer.models.scores import MATCH
+
+        if isinstance(value, float) or value == MATCH:
+            return value
+        try:
+            score = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'match'", param, ctx)
+        if not -1 <= score <= 1:
+            self.fail(f"{value} is not between -1 and 1", param, ctx)
+        return score

@@ -10,6 +10,7 @@ import click
 
 from indexer.config import DEFAULT_RERANK
 from search.cli.options import (
+    MinScore,
     device_option,
     index_option,
     json_option,
@@ -87,7 +88,11 @@ def _cap(k: int) -> int:
 @click.option("--collection", help="Only captions of this collection.")
 @click.option("--from", "date_from", metavar="DATE", help="Only pictures taken on or after DATE (YYYY-MM-DD).")
 @click.option("--to", "date_to", metavar="DATE", help="Only pictures taken on or before DATE.")
-@click.option("--min-score", type=float, help="Only results at least this similar.")
+@click.option(
+    "--min-score",
+    type=MinScore(),
+    help="Only results at least this similar; `match`: from where the model (SigLIP's kind) sees a match.",
+)
 @click.option(
     "--rerank",
     type=click.IntRange(min=1),

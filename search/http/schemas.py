@@ -102,7 +102,10 @@ class FilterFields(_Strict):
     collection: str | None = Field(None, max_length=MAX_NAME)
     date_from: str | None = Field(None, max_length=10, description="YYYY-MM-DD, inclusive.")
     date_to: str | None = Field(None, max_length=10, description="YYYY-MM-DD, inclusive.")
-    min_score: float | None = Field(None, ge=-1, le=1)
+    min_score: Annotated[float, Field(ge=-1, le=1)] | Literal["match"] | None = Field(
+        None,
+        description="A cosine, or 'match': from where the model (sigmoid-trained) sees a text and a picture match.",
+    )
     rerank: whole(1, MAX_RERANK) | None = Field(
         None, description="Re-score the first N candidates with a matcher and order them by its probability."
     )

@@ -19,6 +19,7 @@ from tests.bench import (
     indexer_bench,
     models_bench,
     moderation_bench,
+    multilingual_bench,
     postgres_bench,
     query_bench,
     ray_bench,
@@ -37,6 +38,7 @@ SECTIONS = {
     "server": server_bench.run,
     "moderation": moderation_bench.run,
     "models": models_bench.run,
+    "multilingual": multilingual_bench.run,
     "postgres": postgres_bench.run,
     "rerank": rerank_bench.run,
 }

@@ -27,31 +27,12 @@ from PIL import Image
 from indexer.models import hub
 from indexer.models.choices import CHOICES
 from indexer.models.identity import DEFAULT_MODEL
+from tests.hf_text_towers import XLM_ROBERTA_BASE
 from tests.hf_tokenizer_files import siglip_t5, xlm_roberta_as_on_the_hub
 from tests.hub_server import serving_hub
 
 CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
 RUNS = 3
-XLM_ROBERTA_BASE = {  # huggingface.co/FacebookAI/xlm-roberta-base/blob/main/config.json
-    "architectures": ["XLMRobertaForMaskedLM"],
-    "model_type": "xlm-roberta",
-    "vocab_size": 250002,
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1,
-    "attention_probs_dropout_prob": 0.1,
-    "max_position_embeddings": 514,
-    "type_vocab_size": 1,
-    "initializer_range": 0.02,
-    "layer_norm_eps": 1e-05,
-    "pad_token_id": 1,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "position_embedding_type": "absolute",
-}
 
 
 def _median_wall(command: list[str], env: dict) -> float:

@@ -1,0 +1,103 @@
+"""Hugging Face text towers (XLM-RoBERTa's, NLLB's encoder: open_clip's multilingual models)
+export to ONNX and embed without torch: their attention mask and pooling over it, NLLB's
+language code, queries trimmed to their real tokens because that is exact for them. The real
+classes at random weights, tokenizers built locally (tests/hf_text_towers.py); the base models'
+text towers at their published sizes are in the slow tests."""
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.models.encoder import Encoder, load_encoder
+from indexer.models.onnx_encoder import ExportBrokenError, OnnxEncoder
+from indexer.models.onnx_export import export
+from tests.hf_text_towers import TOWERS, register
+from tests.hf_tokenizer_files import TEXTS
+
+QUERIES = ["一只晒太阳的猫", "a cat sunbathing", "猫", "햇볕을 쬐는 고양이", "🐱☀️", "قطة نائمة"]
+
+
+def _pictures(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (48, 40 + n, 3), dtype=np.uint8)) for n in range(count)]
+
+
+def _exported(folder, architecture: str, sizes: str) -> tuple[Encoder, OnnxEncoder]:
+    folder.mkdir()
+    encoder = load_encoder(register(folder, architecture, sizes), "random")
+    export(encoder, folder / "export")
+    return encoder, OnnxEncoder(folder / "export", encoder.model_id, int8="none")
+
+
+@pytest.fixture(scope="module", params=sorted(TOWERS))
+def exported(request, tmp_path_factory):
+    return _exported(tmp_path_factory.mktemp("hf-text") / "model", request.param, "tiny")
+
+
+def _embeds_like_torch(encoder: Encoder, onnx: OnnxEncoder) -> None:
+    text = onnx.manifest["text"]
+    assert (text["tokenizer"], text["trim"], text["pool"]) == ("hf", True, "mask")
+    assert onnx.logit_bias == encoder.logit_bias, "the score scale is recorded with the export"
+    np.testing.assert_array_equal(onnx.tokenizer(TEXTS), encoder.tokenizer(TEXTS).numpy())
+    if onnx.tokenizer.family == "NllbTokenizer":  # open_clip tokenises in the config's language: English
+        assert (onnx.tokenizer(QUERIES)[:, 0] == onnx.tokenizer.tokenizer.token_to_id("eng_Latn")).all()
+    texts, theirs = onnx.embed_texts(TEXTS + QUERIES), encoder.embed_texts(TEXTS + QUERIES)
+    assert (texts * theirs).sum(axis=1).min() >= 0.9999
+    pictures = _pictures(6)
+    images, their_images = onnx.embed_images(pictures), encoder.embed_images(pictures)
+    assert (images * their_images).sum(axis=1).min() >= 0.9999
+    scores, their_scores = texts @ images.T, theirs @ their_images.T
+    np.testing.assert_allclose(scores, their_scores, rtol=0, atol=1e-5)
+    order, their_order = np.argsort(-scores, axis=1), np.argsort(-their_scores, axis=1)
+    assert order[:, 0].tolist() == their_order[:, 0].tolist(), "each text finds the same picture first"
+
+
+def test_the_export_embeds_like_torch(exported):
+    _embeds_like_torch(*exported)
+
+
+def test_trimmed_queries_give_the_vectors_of_padded_ones(exported):
+    encoder, onnx = exported
+    assert encoder.trims_text and onnx.trims_text
+    tokens = onnx.tokenizer(QUERIES)
+    assert onnx._cut(tokens).shape[1] < tokens.shape[1] / 3, "short queries run on a fraction of the context"
+    for model in (encoder, onnx):
+        trimmed, padded = model.embed_texts(QUERIES), model.embed_texts(QUERIES, trim=False)
+        np.testing.assert_allclose(trimmed, padded, rtol=0, atol=1e-6)
+    one_at_a_time = np.concatenate([onnx.embed_texts([query]) for query in QUERIES])
+    np.testing.assert_allclose(one_at_a_time, onnx.embed_texts(QUERIES), rtol=0, atol=1e-6)
+
+
+def test_padding_on_the_left_is_not_trimmed(exported):
+    """Cutting the end of a row padded on the left would cut its text: such a tower runs the full context."""
+    encoder, _ = exported
+    hf = encoder.tokenizer.tokenizer
+    hf.padding_side = "left"
+    try:
+        assert not Encoder(encoder.model, encoder.tokenizer, encoder.preprocess, encoder.model_id, "cpu").trims_text
+    finally:
+        hf.padding_side = "right"
+
+
+def test_a_damaged_text_tower_is_an_error_not_a_wrong_vector(exported, tmp_path):
+    _, onnx = exported
+    copy = shutil.copytree(onnx.folder, tmp_path / "export")
+    data = copy / "text.onnx.data"
+    weights = bytearray(data.read_bytes())
+    weights[len(weights) // 2] ^= 0xFF
+    data.write_bytes(bytes(weights))
+    with pytest.raises(ExportBrokenError, match=r"text\.onnx\.data .* is damaged \(checksum\)"):
+        OnnxEncoder(copy, onnx.model_id, int8="none").embed_texts(["猫"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", sorted(TOWERS))
+def test_the_base_text_towers_export_at_their_published_sizes(architecture, tmp_path):
+    """xlm-roberta-base's 12 layers of 768 and NLLB-200-distilled-600M's encoder (12 layers of
+    1,024), their vocabularies the tokenizer's built here (tests/hf_text_towers.py)."""
+    encoder, onnx = _exported(tmp_path / "model", architecture, "text")
+    width = encoder.model.text.config.hidden_size
+    assert width == {"xlm-roberta-base-ViT-B-32": 768, "nllb-clip-base-siglip": 1024}[architecture]
+    _embeds_like_torch(encoder, onnx)
