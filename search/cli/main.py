@@ -105,11 +105,12 @@ def demo(directory: Path, count: int, seed: int) -> None:
     """Write a demo photo library into DIRECTORY.
 
     Generated pictures of the demo world (coloured shapes on textured backgrounds), as JPEG and
-    PNG files in nested folders, with captions.jsonl naming each picture's attributes. The
-    bundled demo model (--model demo) knows this world.
+    PNG files in nested folders, with captions naming each picture's attributes: in English
+    (captions.jsonl) and in Chinese (captions.zh.jsonl). The bundled demo model (--model demo)
+    knows this world in both languages.
     """
     from indexer.demo_world import write_library
 
     with click.progressbar(length=count, label="writing pictures", file=sys.stderr) as bar:
         pictures = write_library(directory, count, seed, progress=bar.update)
-    click.echo(f"wrote {len(pictures)} pictures and captions.jsonl to {directory}", err=True)
+    click.echo(f"wrote {len(pictures)} pictures, captions.jsonl and captions.zh.jsonl to {directory}", err=True)
