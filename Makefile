@@ -6,6 +6,7 @@ BASE := $(VENV)/.clipseek-installed
 DEV := $(VENV)/.clipseek-dev-installed
 DEMO_DIR ?= .demo
 DEMO_QUERY ?= a large red circle
+DEMO_QUERY_ZH ?= 左边的大红圆
 
 .PHONY: demo test lint bench bench-10m gpu-check gpu-wheels install install-check clean
 
@@ -23,7 +24,8 @@ $(DEV): pyproject.toml
 	touch $(DEV) $(BASE)
 
 # Generate a demo library, index it and its captions with the bundled demo model (an index of
-# its own under $(DEMO_DIR)/home), then search it: text → image, then image → caption.
+# its own under $(DEMO_DIR)/home), then search it: text → image, image → caption, then in
+# Chinese: the English captions, then the pictures.
 demo: export CLIPSEEK_HOME = $(abspath $(DEMO_DIR))/home
 demo: $(BASE)
 	rm -rf $(DEMO_DIR)
@@ -33,6 +35,8 @@ demo: $(BASE)
 	$(BIN)/clipseek status
 	$(BIN)/clipseek search "$(DEMO_QUERY)" -k 5
 	$(BIN)/clipseek search --image "$$($(BIN)/clipseek search "$(DEMO_QUERY)" -k 1 --paths)" --texts -k 3
+	$(BIN)/clipseek search "$(DEMO_QUERY_ZH)" --texts -k 3
+	$(BIN)/clipseek search "$(DEMO_QUERY_ZH)" -k 5
 
 lint: $(DEV)
 	$(BIN)/ruff check .
@@ -74,6 +78,7 @@ install-check:
 	  venv/bin/clipseek demo library --count 20 && \
 	  venv/bin/clipseek index library --model demo && \
 	  venv/bin/clipseek search "a red circle" -k 1 && \
+	  venv/bin/clipseek search "红色的圆" -k 1 && \
 	  ! venv/bin/clipseek serve 2> serve.err && grep "pip install 'clipseek\[server\]'" serve.err && \
 	  ! venv/bin/clipseek index library --model xlm-roberta-base-ViT-B-32 --pretrained laion5b_s13b_b90k \
 	    --index multilingual 2> hf.err && grep "pip install 'clipseek\[hf\]'" hf.err
