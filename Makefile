@@ -6,7 +6,7 @@ BASE := $(VENV)/.clipseek-installed
 DEV := $(VENV)/.clipseek-dev-installed
 DEMO_DIR ?= .demo
 DEMO_QUERY ?= a large red circle
-DEMO_QUERY_ZH ?= 左边的大红圆
+DEMO_QUERY_ZH ?= 右边的大红圆
 
 .PHONY: demo test lint bench bench-10m gpu-check gpu-wheels install install-check clean
 

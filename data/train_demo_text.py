@@ -2,7 +2,7 @@
 
     .venv/bin/python data/train_demo_text.py --tokenizer-only     # data/demo_tokenizer/ (seconds)
     git show 2bada42:data/demo.safetensors > stage5.safetensors   # the English model (data/train_demo.py)
-    .venv/bin/python data/train_demo_text.py --teacher stage5.safetensors   # the weights (about 15 min)
+    .venv/bin/python data/train_demo_text.py --teacher stage5.safetensors   # the weights (about 20 min)
     .venv/bin/python data/train_demo.py --eval-only                # evaluate the committed weights
 
 Locked-image tuning: the English model's vision tower (stages 1-5 of data/train_demo.py) is kept
