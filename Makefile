@@ -7,6 +7,7 @@ DEV := $(VENV)/.clipseek-dev-installed
 DEMO_DIR ?= .demo
 DEMO_QUERY ?= a large red circle
 DEMO_PAIR_QUERY ?= a small purple cross at the top and a large green circle at the bottom over a night background
+DEMO_QUERY_ZH ?= 右边的大红圆
 
 .PHONY: demo test lint bench bench-10m gpu-check gpu-wheels install install-check clean
 
@@ -24,8 +25,9 @@ $(DEV): pyproject.toml
 	touch $(DEV) $(BASE)
 
 # Generate a demo library, index it and its captions with the bundled demo model (an index of
-# its own under $(DEMO_DIR)/home), then search it: text → image, then image → caption; then one
-# two-object query without and with re-ranking by the demo matcher.
+# its own under $(DEMO_DIR)/home), then search it: text → image, image → caption, then in
+# Chinese: the English captions, then the pictures; then one two-object query without and with
+# re-ranking by the demo matcher.
 demo: export CLIPSEEK_HOME = $(abspath $(DEMO_DIR))/home
 demo: $(BASE)
 	rm -rf $(DEMO_DIR)
@@ -35,6 +37,8 @@ demo: $(BASE)
 	$(BIN)/clipseek status
 	$(BIN)/clipseek search "$(DEMO_QUERY)" -k 5
 	$(BIN)/clipseek search --image "$$($(BIN)/clipseek search "$(DEMO_QUERY)" -k 1 --paths)" --texts -k 3
+	$(BIN)/clipseek search "$(DEMO_QUERY_ZH)" --texts -k 3
+	$(BIN)/clipseek search "$(DEMO_QUERY_ZH)" -k 5
 	$(BIN)/clipseek search "$(DEMO_PAIR_QUERY)" -k 3
 	$(BIN)/clipseek search "$(DEMO_PAIR_QUERY)" -k 3 --rerank
 
@@ -78,6 +82,7 @@ install-check:
 	  venv/bin/clipseek demo library --count 20 && \
 	  venv/bin/clipseek index library --model demo && \
 	  venv/bin/clipseek search "a red circle" -k 1 && \
+	  venv/bin/clipseek search "红色的圆" -k 1 && \
 	  ! venv/bin/clipseek serve 2> serve.err && grep "pip install 'clipseek\[server\]'" serve.err && \
 	  ! venv/bin/clipseek index library --model xlm-roberta-base-ViT-B-32 --pretrained laion5b_s13b_b90k \
 	    --index multilingual 2> hf.err && grep "pip install 'clipseek\[hf\]'" hf.err

@@ -1,4 +1,5 @@
-"""The recipe that trains the bundled demo CLIP (data/demo.json → data/demo.safetensors).
+"""The recipe that trains the bundled demo CLIP in English (stages 1-5); data/train_demo_text.py
+then gives it its bilingual text tower (stage 6: data/demo.json → data/demo.safetensors).
 
     .venv/bin/python data/train_demo.py --out stage1.safetensors      # stage 1 (about 40 min on 2 cores)
     .venv/bin/python data/train_demo.py --init stage1.safetensors --steps 1600 --lr 5e-4 --seed 1 \
@@ -8,8 +9,16 @@
     .venv/bin/python data/train_demo.py --init stage3.safetensors --steps 2000 --lr 3e-4 --seed 3 \
         --shape-weight 4 --out stage4.safetensors                     # stage 4 (about 30 min)
     .venv/bin/python data/train_demo.py --init stage4.safetensors --steps 2000 --lr 2e-4 --seed 4 \
-        --shape-weight 8                                              # stage 5 (about 30 min): the weights
+        --shape-weight 8 --out stage5.safetensors                     # stage 5 (about 30 min)
+    .venv/bin/python data/train_demo_text.py --teacher stage5.safetensors   # stage 6: the weights
     .venv/bin/python data/train_demo.py --eval-only                   # evaluate the committed weights
+    .venv/bin/python data/train_demo.py --eval-only --english --out stage5.safetensors   # or stage 5's
+
+Stages 1-5 train demo.json's vision tower with the text tower of ENGLISH_TEXT (CLIP's tokenizer,
+registered with open_clip as `demo-en`); their weights are data/demo.safetensors before stage 6
+(`git show 2bada42:data/demo.safetensors > stage5.safetensors`). The evaluation runs on the
+bilingual model: text→image R@1 in English and in Chinese, captions finding each other across
+the two languages (text→text), and zero-shot accuracy per attribute in each language.
 
 Deterministic: the model is initialised from a fixed seed and every step's batch is drawn from
 numpy's generator seeded with (seed, step), so the same torch build and thread count reproduce
@@ -40,8 +49,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +70,15 @@ from indexer import demo_world as world  # noqa: E402
 
 OPTIONAL = ("size", "colour", "position", "background")
 GROUP = 4  # scenes per group: one drawn at random, the others one attribute away from it
+ENGLISH = "demo-en"  # the model of stages 1-5: demo.json's vision tower, a text tower with CLIP's tokenizer
+ENGLISH_TEXT = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}
+
+
+def register_english(config: Path) -> None:
+    """Register the English model with open_clip: `config` with the text tower of stages 1-5."""
+    folder = Path(tempfile.mkdtemp())
+    (folder / f"{ENGLISH}.json").write_text(json.dumps(json.loads(config.read_text()) | {"text_cfg": ENGLISH_TEXT}))
+    open_clip.add_model_config(folder / f"{ENGLISH}.json")
 
 
 def variant(scene: world.Scene, rng: np.random.Generator, shape_weight: int = 1) -> world.Scene:
@@ -110,15 +130,15 @@ def soft_contrastive_loss(image_features, text_features, logit_scale, positives)
 def train(
     steps: int, batch_size: int, lr: float, seed: int, out: Path, config: Path, init: Path | None, shape_weight: int
 ) -> None:
-    open_clip.add_model_config(config)
+    register_english(config)
     torch.manual_seed(seed)
-    model = open_clip.create_model(config.stem)
+    model = open_clip.create_model(ENGLISH)
     if init is not None:  # go on from earlier weights (float16 on disk; trained on in float32)
         from safetensors.torch import load_file
 
         model.load_state_dict({name: tensor.float() for name, tensor in load_file(str(init)).items()})
     preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
-    tokenizer = open_clip.get_tokenizer("demo")
+    tokenizer = open_clip.get_tokenizer(ENGLISH)
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
@@ -151,20 +171,57 @@ def train(
     print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {time.time() - started:.0f}s")
 
 
-def evaluate(checkpoint: Path) -> None:
+def evaluate(checkpoint: Path, english: bool = False) -> None:
+    """The figures of the bilingual model (stage 6), or with `english` of the English one (1-5)."""
     from indexer.models.encoder import load_encoder  # evaluated through clipseek's own loading path
 
-    encoder = load_encoder("demo", checkpoint=checkpoint)
-    recall = world.held_out_recall(encoder.embed_images, encoder.embed_texts)
-    for name, value in recall.items():
-        print(f"text→image R@1, {name}: {value:.3f}")
-    for attribute, accuracy in zero_shot(encoder).items():
-        print(f"zero-shot {attribute}: {accuracy:.2f} (chance {1 / len(world.VALUES[attribute]):.2f})")
-    left, right = encoder.embed_texts(["a red circle on the left", "a red circle on the right"])
-    print(f"cosine of 'a red circle on the left' and '… on the right': {left @ right:.2f}")
+    if english:
+        register_english(HERE / "demo.json")
+    encoder = load_encoder(ENGLISH if english else "demo", checkpoint=checkpoint)
+    languages = ("en",) if english else ("en", "zh")
+    for language in languages:
+        for name, value in world.held_out_recall(encoder.embed_images, encoder.embed_texts, language=language).items():
+            print(f"text→image R@1, {language}, {name}: {value:.3f}")
+    if not english:
+        varied = world.held_out_recall(encoder.embed_images, encoder.embed_texts, language="zh", phrasings=7)
+        print(f"text→image R@1, zh, varied phrasings, all five: {varied['all five']:.3f}")
+        for name, value in text_to_text(encoder).items():
+            print(f"text→text R@1, {name}: {value:.3f}")
+    for language in languages:
+        for attribute, accuracy in zero_shot(encoder, language).items():
+            chance = 1 / len(world.VALUES[attribute])
+            print(f"zero-shot {attribute}, {language}: {accuracy:.2f} (chance {chance:.2f})")
+    pairs = (["a red circle on the left", "a red circle on the right"], ["左边的红色圆", "右边的红色圆"])
+    for pair in pairs[: len(languages)]:
+        left, right = encoder.embed_texts(pair)
+        print(f"cosine of {pair[0]!r} and {pair[1]!r}: {left @ right:.2f}")
 
 
-def zero_shot(encoder, count: int = 500, seed: int = 11) -> dict[str, float]:
+def text_to_text(encoder, count: int = 500, seed: int = 1_000_003) -> dict[str, float]:
+    """Captions of held-out scenes finding each other across languages: a hit is a top-1 caption
+    of a scene with the queried attributes (all five: the Chinese and English captions of a
+    scene; colour and shape: a short Chinese query among full English captions)."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.random_scene(rng) for _ in range(count)]
+    english, chinese, short = (
+        encoder.embed_texts([world.caption(s, keep=keep, language=language) for s in scenes])
+        for keep, language in ((world.ATTRIBUTES, "en"), (world.ATTRIBUTES, "zh"), (("colour", "shape"), "zh"))
+    )
+
+    def recall(queries, captions, keep) -> float:
+        best = np.argmax(queries @ captions.T, axis=1)
+        return float(
+            np.mean([scenes[b].matches({a: getattr(s, a) for a in keep}) for s, b in zip(scenes, best, strict=True)])
+        )
+
+    return {
+        "zh caption → en caption": recall(chinese, english, world.ATTRIBUTES),
+        "en caption → zh caption": recall(english, chinese, world.ATTRIBUTES),
+        "zh colour+shape query → en captions": recall(short, english, ("colour", "shape")),
+    }
+
+
+def zero_shot(encoder, language: str = "en", count: int = 500, seed: int = 11) -> dict[str, float]:
     """Per attribute: how often a picture's best caption, among captions that differ only in that
     attribute, names the right value (held-out pictures, not the ones R@1 is measured on)."""
     rng = np.random.default_rng(seed)
@@ -173,11 +230,14 @@ def zero_shot(encoder, count: int = 500, seed: int = 11) -> dict[str, float]:
     accuracy = {}
     for attribute in world.ATTRIBUTES:
         values = world.VALUES[attribute]
-        right = 0
-        for scene, picture in zip(scenes, pictures, strict=True):
-            texts = [world.caption(dataclasses.replace(scene, **{attribute: value})) for value in values]
-            right += values[int(np.argmax(encoder.embed_texts(texts) @ picture))] == getattr(scene, attribute)
-        accuracy[attribute] = right / count
+        texts = [
+            world.caption(dataclasses.replace(scene, **{attribute: value}), language=language)
+            for scene in scenes
+            for value in values
+        ]
+        scores = (encoder.embed_texts(texts).reshape(count, len(values), -1) * pictures[:, None]).sum(-1)
+        right = [values[best] == getattr(s, attribute) for s, best in zip(scenes, scores.argmax(1), strict=True)]
+        accuracy[attribute] = float(np.mean(right))
     return accuracy
 
 
@@ -194,10 +254,11 @@ def main() -> None:
         "--shape-weight", type=int, default=1, help="change the shape this many times as often in hard negatives"
     )
     parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument("--english", action="store_true", help="evaluate weights of stages 1-5 (with --eval-only)")
     args = parser.parse_args()
     if not args.eval_only:
         train(args.steps, args.batch_size, args.lr, args.seed, args.out, args.config, args.init, args.shape_weight)
-    evaluate(args.out)
+    evaluate(args.out, english=args.english or not args.eval_only)
 
 
 if __name__ == "__main__":

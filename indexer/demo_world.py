@@ -1,4 +1,5 @@
-"""The demo world: generated pictures of coloured shapes, with captions that describe them.
+"""The demo world: generated pictures of coloured shapes, with captions that describe them,
+in English and in Chinese.
 
 The bundled demo model (data/) is trained on this world, so tests and the demo can assert real
 retrieval results ("a large red circle" finds large red circles). Everything here is
@@ -62,6 +63,33 @@ _BACKGROUND_WORDS = {
 _DRAW_ORDER = [(name, VALUES[name]) for name in ("shape", "colour", "size", "position", "background")]
 _OPENINGS = ("a", "a photo of a", "a picture of a", "an image of a", "a drawing of a")
 
+# Chinese captions are written as a Chinese speaker describes the picture, not word for word:
+# "一个红色的大圆在左边，背景是草地", "草地上左边有个大红圆". Each attribute has several words;
+# the noun phrase, the position and the background are put together in several orders.
+_ZH_SHAPES = {
+    "circle": ("圆", "圆形", "圆盘"),
+    "square": ("正方形", "方块", "方形"),
+    "triangle": ("三角形", "三角"),
+    "star": ("星星", "五角星", "星形"),
+    "cross": ("十字", "十字形", "加号"),
+}
+_ZH_COLOURS = {"red": "红", "yellow": "黄", "green": "绿", "blue": "蓝", "purple": "紫", "white": "白"}
+_ZH_SIZES = {"small": "小", "large": "大"}
+_ZH_POSITIONS = {
+    "left": ("左边", "左侧", "画面左边", "靠左的地方"),
+    "right": ("右边", "右侧", "画面右边", "靠右的地方"),
+    "top": ("上面", "上方", "顶部", "画面上方"),
+    "bottom": ("下面", "下方", "底部", "画面下方"),
+    "centre": ("中间", "正中间", "中央", "画面中间"),
+}
+# each background as a noun ("背景是草地") and as a place ("草地上有…")
+_ZH_BACKGROUNDS = {
+    "grass": (("草地", "草坪", "绿色的草地"), ("草地上", "草坪上")),
+    "sand": (("沙滩", "沙地", "沙子"), ("沙滩上", "沙地上")),
+    "water": (("水面", "大海", "海水"), ("水面上", "海面上")),
+    "night": (("夜空", "星空", "黑色的夜空"), ("夜空中", "星空下", "夜空里")),
+}
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -81,15 +109,23 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(**{name: values[rng.integers(len(values))] for name, values in _DRAW_ORDER})
 
 
-def caption(scene: Scene, rng: np.random.Generator | None = None, keep: tuple[str, ...] = ATTRIBUTES) -> str:
-    """Describe `scene`, naming only the attributes in `keep` (the shape is always named).
+def caption(
+    scene: Scene, rng: np.random.Generator | None = None, keep: tuple[str, ...] = ATTRIBUTES, language: str = "en"
+) -> str:
+    """Describe `scene` in `language` ("en" or "zh"), naming only the attributes in `keep` (the
+    shape is always named).
 
     Without `rng` the canonical phrasing is used:
-    "a small red circle on the left over a grass background".
+    "a small red circle on the left over a grass background", "一个红色的小圆在左边，背景是草地".
     """
 
     def pick(options: tuple[str, ...]) -> str:
         return options[0] if rng is None else options[rng.integers(len(options))]
+
+    if language == "zh":
+        return _caption_zh(scene, pick, keep)
+    if language != "en":
+        raise ValueError(f"the demo world speaks 'en' and 'zh', not {language!r}")
 
     noun = " ".join([scene.size] * ("size" in keep) + [scene.colour] * ("colour" in keep) + [scene.shape])
     text = f"{pick(_OPENINGS)} {noun}"
@@ -99,6 +135,42 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, keep: tuple[st
         ground = pick(_BACKGROUND_WORDS[scene.background])
         text += pick((f" over a {scene.background} background", f" on {ground}", f" with {ground}"))
     return text
+
+
+def _caption_zh(scene: Scene, pick: Callable[[tuple[str, ...]], str], keep: tuple[str, ...]) -> str:
+    size = _ZH_SIZES[scene.size] if "size" in keep else ""
+    colour = _ZH_COLOURS[scene.colour] if "colour" in keep else ""
+    shape = pick(_ZH_SHAPES[scene.shape])
+    if not colour:
+        noun = pick((f"{size}{shape}", f"{size}的{shape}")) if size else shape
+    else:  # 红色的大圆, 大红圆, 大的红色圆形
+        short = f"{size}{colour}{shape}" if size else f"{colour}色{shape}"
+        noun = pick(
+            (f"{colour}色的{size}{shape}", short, f"{size}的{colour}色{shape}" if size else f"{colour}色{shape}")
+        )
+    place = pick(_ZH_POSITIONS[scene.position]) if "position" in keep else None
+    if "background" in keep:
+        ground, on = (pick(options) for options in _ZH_BACKGROUNDS[scene.background])
+    else:
+        ground = on = None
+    if place and ground:
+        return pick(
+            (
+                f"一个{noun}在{place}，背景是{ground}",
+                # "草地上上面" would stutter: above and below follow the thing they place
+                f"{on}有个{noun}，在{place}" if scene.position in ("top", "bottom") else f"{on}{place}有个{noun}",
+                f"{place}有一个{noun}，背景是{ground}",
+                f"{ground}背景，{place}是一个{noun}",
+                f"在{ground}的背景上，{place}画着一个{noun}",
+            )
+        )
+    if place:
+        return pick((f"一个{noun}在{place}", f"{place}有一个{noun}", f"{place}画着一个{noun}", f"{noun}在{place}"))
+    if ground:
+        return pick(
+            (f"一个{noun}，背景是{ground}", f"{on}有一个{noun}", f"{ground}背景上的{noun}", f"{on}画着个{noun}")
+        )
+    return pick((f"一个{noun}", noun, f"一张{noun}的图片", f"图里有一个{noun}", f"画着一个{noun}"))
 
 
 def _background(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
@@ -174,12 +246,14 @@ class LibraryPicture:
     path: str
     caption: str
     scene: Scene
+    caption_zh: str = ""  # the same caption in Chinese
 
 
 def write_library(
     root: str | Path, count: int = 200, seed: int = 0, progress: Callable[[int], object] | None = None
 ) -> list[LibraryPicture]:
-    """Write `count` demo pictures (JPEG and PNG, nested folders) and captions.jsonl under `root`.
+    """Write `count` demo pictures (JPEG and PNG, nested folders) and their captions under `root`:
+    captions.jsonl in English, captions.zh.jsonl in Chinese (the same rows, with "language": "zh").
 
     The same seed always writes the same files. `progress(1)` is called after each picture.
     Returns what was written.
@@ -200,20 +274,32 @@ def write_library(
             image.save(target, quality=90)
         else:
             image.save(target)
-        pictures.append(LibraryPicture(relative, caption(scene), scene))
+        pictures.append(LibraryPicture(relative, caption(scene), scene, caption(scene, language="zh")))
         if progress is not None:
             progress(1)
     with open(root / "captions.jsonl", "w", encoding="utf-8") as out:
         for picture in pictures:
             row = {"image": picture.path, "caption": picture.caption, **asdict(picture.scene)}
             out.write(json.dumps(row) + "\n")
+    with open(root / "captions.zh.jsonl", "w", encoding="utf-8") as out:
+        for picture in pictures:
+            row = {"image": picture.path, "caption": picture.caption_zh, "language": "zh", **asdict(picture.scene)}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return pictures
 
 
-def held_out_recall(embed_images, embed_texts, count: int = 500, seed: int = 1_000_003) -> dict[str, float]:
+def held_out_recall(
+    embed_images,
+    embed_texts,
+    count: int = 500,
+    seed: int = 1_000_003,
+    language: str = "en",
+    phrasings: int | None = None,
+) -> dict[str, float]:
     """Text→image Recall@1 of a model on `count` freshly generated pictures.
 
-    Each picture's caption is the query; a hit is a top-1 picture with the queried attributes.
+    Each picture's caption in `language` is the query (the canonical phrasing, or phrasings drawn
+    with the seed `phrasings`); a hit is a top-1 picture with the queried attributes.
     `embed_images(list of PIL images)` and `embed_texts(list of str)` return L2-normalised rows.
     Reported for colour + shape ("a red circle") and for all five attributes.
     """
@@ -223,7 +309,8 @@ def held_out_recall(embed_images, embed_texts, count: int = 500, seed: int = 1_0
     image_vectors = np.asarray(embed_images(images))
     recall = {}
     for name, keep in (("colour+shape", ("colour", "shape")), ("all five", ATTRIBUTES)):
-        text_vectors = np.asarray(embed_texts([caption(scene, keep=keep) for scene in scenes]))
+        words = None if phrasings is None else np.random.default_rng(phrasings)
+        text_vectors = np.asarray(embed_texts([caption(scene, words, keep, language) for scene in scenes]))
         best = np.argmax(text_vectors @ image_vectors.T, axis=1)
         hits = [scenes[b].matches({a: getattr(s, a) for a in keep}) for s, b in zip(scenes, best, strict=True)]
         recall[name] = float(np.mean(hits))

@@ -16,17 +16,21 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from indexer.models.identity import demo_checkpoint, demo_config
+from indexer.models.identity import demo_checkpoint, demo_config, demo_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 DEMO_REPO = "clipseek-test/demo"
 
 
 def demo_repo_files() -> dict[str, bytes]:
-    """The bundled demo model as open_clip publishes a model on the hub: its config and weights."""
-    config = {"model_cfg": json.loads(Path(demo_config()).read_text()), "preprocess_cfg": {}}
+    """The bundled demo model as open_clip publishes a model on the hub: its config (naming the
+    repository as its Hugging Face tokenizer's), its tokenizer's files and its weights."""
+    model = json.loads(Path(demo_config()).read_text())
+    model["text_cfg"]["hf_tokenizer_name"] = DEMO_REPO
+    tokenizer = {name: (demo_tokenizer() / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
     return {
-        "open_clip_config.json": json.dumps(config).encode(),
+        "open_clip_config.json": json.dumps({"model_cfg": model, "preprocess_cfg": {}}).encode(),
+        **tokenizer,
         "open_clip_model.safetensors": Path(demo_checkpoint()).read_bytes(),
     }
 

@@ -76,3 +76,34 @@ def test_combined_query_moves_towards_the_added_attribute(world):
     count = lambda hits: sum(scenes[hit.path].background == "water" for hit in hits)  # noqa: E731
     assert count(on_water) > count(plain)
     assert all(isinstance(scenes[hit.path], Scene) for hit in on_water)
+
+
+def test_every_colour_and_shape_is_found_by_a_chinese_query(world):
+    engine, scenes = world
+    matching = []
+    for colour, shape in itertools.product(COLOURS, SHAPES):
+        query = caption(Scene(shape, colour, "large", "left", "grass"), keep=("colour", "shape"), language="zh")
+        matching += [scenes[hit.path].matches({"colour": colour, "shape": shape}) for hit in engine.search(query, k=5)]
+    assert np.mean(matching) >= 0.95
+
+
+def test_a_chinese_query_naming_size_and_position_finds_them(world):
+    """Words put together as no caption of the training puts them: "左边的大红圆"."""
+    engine, scenes = world
+    colours = {"red": "红", "yellow": "黄", "green": "绿", "blue": "蓝", "purple": "紫", "white": "白"}
+    places = {"left": "左边", "right": "右边", "top": "上面", "bottom": "下面", "centre": "中间"}
+    found = []
+    for (colour, word), (position, place) in itertools.product(colours.items(), places.items()):
+        wanted = {"size": "large", "colour": colour, "shape": "circle", "position": position}
+        if any(scene.matches(wanted) for scene in scenes.values()):  # about 1 in 7 is not in the library
+            found.append(scenes[engine.search(f"{place}的大{word}圆", k=1)[0].path].matches(wanted))
+    assert len(found) > 20 and np.mean(found) >= 0.9
+
+
+def test_a_chinese_query_finds_the_english_caption(world):
+    engine, _ = world
+    found = []
+    for colour, shape in itertools.product(COLOURS, SHAPES):
+        query = caption(Scene(shape, colour, "small", "top", "sand"), keep=("colour", "shape"), language="zh")
+        found.append(engine.search(query, k=1, modality="text")[0].caption == f"a {colour} {shape}")
+    assert np.mean(found) >= 0.9

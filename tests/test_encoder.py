@@ -1,6 +1,8 @@
 import hashlib
 import importlib.util
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -106,6 +108,26 @@ def test_demo_model_retrieves_held_out_pictures(demo_encoder):
     recall = demo_world.held_out_recall(demo_encoder.embed_images, demo_encoder.embed_texts, count=300, seed=77)
     for name, minimum in MIN_RECALL.items():
         assert recall[name] >= minimum, recall
+
+
+def test_demo_model_retrieves_held_out_pictures_in_chinese(demo_encoder):
+    embed = demo_encoder.embed_images, demo_encoder.embed_texts
+    recall = demo_world.held_out_recall(*embed, count=300, seed=77, language="zh", phrasings=3)  # varied phrasings
+    for name, minimum in MIN_RECALL.items():
+        assert recall[name] >= minimum, recall
+
+
+def test_the_demo_model_needs_neither_transformers_nor_open_clips_tokenizers():
+    """Its tokenizer is a tokenizer.json read by the `tokenizers` library, as in the base install."""
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"  # any import of it fails
+        "from indexer.models.encoder import load_encoder\n"
+        "encoder = load_encoder('demo')\n"
+        "print(type(encoder.tokenizer).__name__, encoder.embed_texts(['左边的大红圆']).shape)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["TorchHfTokenizer", "(1,", "64)"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -94,10 +94,15 @@ def test_first_index_downloads_the_model_once_with_a_progress_bar(tmp_path):
         downloads = [line for line in server.requests if line.startswith("GET") and "/resolve/" in line]
     # The hub's bar, with the size and the rate, then the run's own summary.
     assert "open_clip_model.safetensors" in output
-    assert "15.5M/15.5M" in output and "B/s" in output
-    assert f"downloading {HUB_MODEL} (16 MB)" in output
+    assert "2.96M/2.96M" in output and "B/s" in output
+    assert f"downloading {HUB_MODEL} (3 MB)" in output
     assert "6 pictures" in output and "6 embedded" in output
-    assert len(downloads) == 2  # the config and the weights, once
+    assert [line.rsplit("/", 1)[1] for line in downloads] == [  # each once; the weights last
+        "open_clip_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "open_clip_model.safetensors",
+    ]
     weights = hub.cached(hub.files_for(HUB_MODEL, None), tmp_path / "hf")
     assert weights is not None and sha256_file(weights) == sha256_file(demo_checkpoint())
 

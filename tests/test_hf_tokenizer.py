@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from open_clip.tokenizer import HFTokenizer  # reads the files with transformers (the hf extra)
 
+from indexer.demo_world import ATTRIBUTES, Scene, caption
 from indexer.errors import ModelError
 from indexer.models.hf_tokenizer import HfTokenizer
+from indexer.models.identity import demo_tokenizer
 from tests.hf_tokenizer_files import (
     LANGUAGES,
     TEXTS,
@@ -47,6 +49,18 @@ def test_token_ids_equal_open_clips(family, tmp_path):
     assert [text for text, a, b in zip(TEXTS, expected, got, strict=True) if not np.array_equal(a, b)] == []
     pad = HfTokenizer(folder, context_length=context_length, **kwargs).pad_id
     assert (got[:, -2] != pad).any(), "the texts must include some cut at the context length"
+
+
+def test_the_demo_models_tokenizer_gives_open_clips_ids_and_reads_both_languages():
+    scene = Scene(shape="circle", colour="red", size="large", position="left", background="grass")
+    texts = [*TEXTS, caption(scene), caption(scene, language="zh"), "左边的大红圆", "草地上左边有个大红圆"]
+    expected = HFTokenizer(str(demo_tokenizer()), context_length=32)(texts).numpy()
+    tokenizer = HfTokenizer(demo_tokenizer(), context_length=32)
+    assert np.array_equal(tokenizer(texts), expected)
+    pieces = [tokenizer.tokenizer.id_to_token(int(i)) for i in tokenizer(texts[-1:])[0] if i != tokenizer.pad_id]
+    assert pieces == ["[CLS]", *"草地上左边有个大红圆", "[SEP]"]  # each Chinese character a piece of its own
+    words = [tokenizer.tokenizer.id_to_token(int(i)) for i in tokenizer([caption(scene, keep=ATTRIBUTES)])[0]]
+    assert "[UNK]" not in words and {"large", "red", "circle", "left", "grass"} <= set(words)
 
 
 @pytest.mark.parametrize(

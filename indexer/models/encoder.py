@@ -30,6 +30,7 @@ from PIL import Image
 
 from indexer.errors import CheckpointError, ModelError
 from indexer.models import hub
+from indexer.models.hf_tokenizer import HfTokenizer
 from indexer.models.identity import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -38,6 +39,7 @@ from indexer.models.identity import (
     ModelId,
     demo_checkpoint,
     demo_config,
+    demo_tokenizer,
     sha256_file,
 )
 from indexer.models.onnx_encoder import probe_picture, token_ends
@@ -203,8 +205,13 @@ def load_encoder(
         except Exception as error:  # open_clip's key conversions and resizing fail in many ways
             raise _does_not_fit(weights, model, error) from error
     try:
-        with _needs_transformers(model), hub.client_offline():
-            tokenizer = open_clip.get_tokenizer(name)
+        if model == DEMO_MODEL:  # read without transformers, which the demo must not need
+            tokenizer = TorchHfTokenizer(
+                demo_tokenizer(), open_clip.get_model_config(name)["text_cfg"]["context_length"]
+            )
+        else:
+            with _needs_transformers(model), hub.client_offline():
+                tokenizer = open_clip.get_tokenizer(name)
     except ModelError:
         raise
     except Exception as error:  # e.g. a Hugging Face tokenizer that is not available offline
@@ -215,6 +222,13 @@ def load_encoder(
         size = size[0]
     identity = ModelId(model, pretrained, sha256, open_clip.get_model_config(name)["embed_dim"], size)
     return Encoder(clip, tokenizer, preprocess, identity, device)
+
+
+class TorchHfTokenizer(HfTokenizer):
+    """A tokenizer.json read by the `tokenizers` library, giving torch's tensors as open_clip's tokenizers do."""
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return torch.from_numpy(super().__call__(texts))
 
 
 @contextlib.contextmanager

@@ -57,12 +57,13 @@ class HfTokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise ModelError(f"{folder} has no tokenizer.json: the model's download or export puts it there")
+        self.folder = folder  # an export copies its files
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         # transformers lets tokenizer_config.json override special_tokens_map.json
         self.config = _read_json(folder / "special_tokens_map.json") | _read_json(folder / "tokenizer_config.json")
         self.family = str(self.config.get("tokenizer_class") or "").removesuffix("Fast")
         self.context_length = context_length
-        self.clean = CLEANERS[clean]
+        self.clean, self.clean_name = CLEANERS[clean], clean
         self.pad_id = self._id("pad_token", ("<pad>", "[PAD]"))
         self.sep_id = self._id("sep_token", ("[SEP]", "</s>")) if strip_sep_token else None
         if self.family == "NllbTokenizer" or language is not None:  # another family refuses a language

@@ -291,13 +291,27 @@ def _fetch(files: HubFiles, cache_dir: str | os.PathLike | None) -> Path:
     try:
         with _quiet_hub():
             if files.config:
-                hf_hub_download(files.repo, files.config, cache_dir=cache_dir, endpoint=hub)
+                config = hf_hub_download(files.repo, files.config, cache_dir=cache_dir, endpoint=hub)
+                _fetch_own_tokenizer(files.repo, Path(config), cache_dir, hub)
             return Path(hf_hub_download(files.repo, name, cache_dir=cache_dir, endpoint=hub))
     except Exception as error:  # a cut connection, a full disk, a hub error: nothing half-made is kept
         raise ModelError(
             f"the download of {files.label} failed ({_short(error)}); the cache holds no partial copy: "
             "run the command again to download it"
         ) from None
+
+
+def _fetch_own_tokenizer(repo: str, config: Path, cache_dir: Path, hub: str) -> None:
+    """A model whose config names a Hugging Face tokenizer keeps its files beside the weights,
+    where open_clip reads them (before the weights, whose presence marks a complete download)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if not json.loads(config.read_text("utf-8")).get("model_cfg", {}).get("text_cfg", {}).get("hf_tokenizer_name"):
+        return
+    for name in TEXT_FILES:
+        with contextlib.suppress(EntryNotFoundError):  # each repository has some of these files
+            hf_hub_download(repo, name, cache_dir=cache_dir, endpoint=hub)
 
 
 def _missing(files: HubFiles, cache_dir: str | os.PathLike | None, reason: str) -> ModelError:

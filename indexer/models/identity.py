@@ -69,6 +69,11 @@ def demo_checkpoint() -> Path:
     return _demo_dir() / "demo.safetensors"
 
 
+def demo_tokenizer() -> Path:
+    """The bundled demo model's tokenizer: a folder with tokenizer.json, as Hugging Face models ship it."""
+    return _demo_dir() / "demo_tokenizer"
+
+
 def sha256_file(path: str | bytes | Path) -> str:
     """The sha256 of a file's content, read in blocks."""
     with open(path, "rb") as stream:

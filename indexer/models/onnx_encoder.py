@@ -211,12 +211,17 @@ class OnnxEncoder:
         return _run(self._session("image"), np.stack(list(pixels)))
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256, trim: bool = True) -> np.ndarray:
-        """Embed texts: (n, dim) float32, each row of unit length; batched and trimmed as the torch path does."""
+        """Embed texts: (n, dim) float32, each row of unit length; batched (one at a time through int8
+        weights) and trimmed as the torch path does."""
         self._loading("text")
         tokens = self.tokenizer(list(texts))
         out = np.zeros((len(texts), self.model_id.dim), np.float32)
         trim = trim and self.trims_text
         order = np.argsort(-self._ends(tokens), kind="stable") if trim else np.arange(len(texts))
+        if "text" in self.int8_towers:
+            # 8-bit activations are scaled over the whole batch (dynamic quantisation): one text at
+            # a time keeps a text's vector the same whatever it is embedded with.
+            batch_size = 1
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
             out[rows] = _run(self._session("text"), self._cut(tokens[rows]) if trim else tokens[rows])

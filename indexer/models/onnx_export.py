@@ -34,6 +34,7 @@ from torch.export import Dim
 
 from indexer.errors import ModelError
 from indexer.models.encoder import Encoder, special_id, text_forward
+from indexer.models.hf_tokenizer import HfTokenizer
 from indexer.models.identity import ModelId
 from indexer.models.onnx_encoder import (
     FORMAT,
@@ -120,21 +121,26 @@ def export(encoder: Encoder, folder: str | os.PathLike) -> None:
 
 def _text_settings(encoder: Encoder) -> dict:
     tokenizer = encoder.tokenizer
-    if isinstance(tokenizer, clip_tokenizer.HFTokenizer) and not tokenizer.tokenizer_mode:
+    if isinstance(tokenizer, HfTokenizer):  # the demo model's, read without transformers
+        settings = {"tokenizer": "hf", "vocab": HF_TOKENIZER, "strip_sep_token": tokenizer.sep_id is not None}
+        clean = tokenizer.clean_name
+    elif isinstance(tokenizer, clip_tokenizer.HFTokenizer) and not tokenizer.tokenizer_mode:
         settings = {"tokenizer": "hf", "vocab": HF_TOKENIZER, "strip_sep_token": tokenizer.strip_sep_token}
     elif isinstance(tokenizer, clip_tokenizer.SimpleTokenizer) and tokenizer.reduction_fn is None:
         special = [tokenizer.decoder[i] for i in tokenizer.all_special_ids]
         settings = {"tokenizer": "clip", "vocab": VOCAB, "special_tokens": special}
     else:
         raise NotExportableError(f"{encoder.model_id.architecture} uses a tokenizer not ported to the ONNX path")
-    if tokenizer.clean_fn not in CLEANERS:
-        raise NotExportableError(f"{encoder.model_id.architecture} cleans its texts in a way that is not ported")
+    if not isinstance(tokenizer, HfTokenizer):
+        if tokenizer.clean_fn not in CLEANERS:
+            raise NotExportableError(f"{encoder.model_id.architecture} cleans its texts in a way that is not ported")
+        clean = CLEANERS[tokenizer.clean_fn]
     pooling = encoder.text_pooling
     return {
         "model": "text.onnx",
         **settings,
         "context_length": tokenizer.context_length,
-        "clean": CLEANERS[tokenizer.clean_fn],
+        "clean": clean,
         "trim": pooling is not None,
         "pool": pooling[1] if pooling else "argmax",
         "eos_id": special_id(*pooling) if pooling and pooling[1] == "eos" else None,
@@ -145,7 +151,12 @@ def _text_settings(encoder: Encoder) -> dict:
 def _write_tokenizer(encoder: Encoder, text: dict, work: Path) -> None:
     """The tokenizer's files beside the towers: CLIP's merges, or the Hugging Face tokenizer as
     open_clip holds it (its tokenizer.json and the config naming its special tokens)."""
-    if text["tokenizer"] == "hf":
+    if isinstance(encoder.tokenizer, HfTokenizer):
+        (work / HF_TOKENIZER).mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (encoder.tokenizer.folder / name).is_file():
+                shutil.copyfile(encoder.tokenizer.folder / name, work / HF_TOKENIZER / name)
+    elif text["tokenizer"] == "hf":
         encoder.tokenizer.save_pretrained(str(work / HF_TOKENIZER))
     else:
         merges = read_merges(clip_tokenizer.default_bpe())

@@ -112,16 +112,17 @@ def demo(directory: Path, count: int, seed: int, pairs: int) -> None:
     """Write a demo photo library into DIRECTORY.
 
     Generated pictures of the demo world (coloured shapes on textured backgrounds), as JPEG and
-    PNG files in nested folders, with captions.jsonl naming each picture's attributes. The
-    bundled demo model (--model demo) knows this world. With --pairs, two-object pictures too
-    ("a small red circle on the left and a large blue square on the right"), each beside its twin
-    with the colours swapped, and pairs/captions.jsonl.
+    PNG files in nested folders, with captions naming each picture's attributes: in English
+    (captions.jsonl) and in Chinese (captions.zh.jsonl). The bundled demo model (--model demo)
+    knows this world in both languages. With --pairs, two-object pictures too ("a small red
+    circle on the left and a large blue square on the right"), each beside its twin with the
+    colours swapped, and pairs/captions.jsonl.
     """
     from indexer.demo_world import write_library
 
     with click.progressbar(length=count, label="writing pictures", file=sys.stderr) as bar:
         pictures = write_library(directory, count, seed, progress=bar.update)
-    click.echo(f"wrote {len(pictures)} pictures and captions.jsonl to {directory}", err=True)
+    click.echo(f"wrote {len(pictures)} pictures, captions.jsonl and captions.zh.jsonl to {directory}", err=True)
     if pairs:
         from indexer.demo_pairs import write_pairs
 
