@@ -19,17 +19,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from indexer.models.hf_tokenizer import HfTokenizer
 from indexer.models.identity import RANDOM_WEIGHTS, ModelId
-from indexer.store import NewImage, Store
+from tests.bench.query_bench import index_random, wall
 from tests.hf_text_towers import XLM_ROBERTA_BASE
 from tests.hf_tokenizer_files import TEXTS, nllb, xlm_roberta_as_on_the_hub
 from tests.hub_server import serving_hub
@@ -42,33 +39,9 @@ CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
 TOKENIZED = 2_000  # texts per tokenizer measurement
 
 
-def _index(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    with Store.open(root, write=True, create=True) as store:
-        store.claim_model(MODEL, None)
-        for start in range(0, ITEMS, 10_000):
-            vectors = rng.normal(size=(10_000, MODEL.dim)).astype(np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            with store.write() as writer:
-                writer.add_images(
-                    [
-                        NewImage(f"/photos/{start + i:06d}.jpg".encode(), 1, 1, f"{start + i:064x}", 1, 1, "", vector)
-                        for i, vector in enumerate(vectors)
-                    ]
-                )
-
-
-def _wall(command: list[str], env: dict) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
-    return time.perf_counter() - started
-
-
 def _cold(scratch: Path) -> dict[str, float]:
     index = scratch / "index"
-    _index(index)
+    index_random(index, items=ITEMS, model=MODEL)
     repository = xlm_roberta_as_on_the_hub(scratch / "xlm-roberta-base")
     (repository / "config.json").write_text(json.dumps(XLM_ROBERTA_BASE), encoding="utf-8")
     files = {path.name: path.read_bytes() for path in repository.iterdir()}
@@ -79,11 +52,11 @@ def _cold(scratch: Path) -> dict[str, float]:
             env.pop(name, None)
         commands = {"onnx": env, "torch": {**env, "CLIPSEEK_BACKEND": "torch"}}
         for command_env in commands.values():  # the first fetches the tokenizer, then makes the ONNX export
-            _wall(search, command_env)
+            wall(search, command_env)
         times: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(COLD_RUNS):  # interleaved, so that a slow moment of the machine hits both alike
             for name, command_env in commands.items():
-                times[name].append(_wall(search, command_env))
+                times[name].append(wall(search, command_env))
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 

@@ -47,10 +47,11 @@ def _random_unit(rng: np.random.Generator, count: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def _index(root: Path, vectors_of=_random_unit, items: int = ITEMS) -> None:
+def index_random(root: Path, vectors_of=_random_unit, items: int = ITEMS, model: ModelId = MODEL) -> None:
+    """An index of `items` pictures' rows for `model`, their vectors drawn by `vectors_of(rng, count)`."""
     rng = np.random.default_rng(0)
     with Store.open(root, write=True, create=True) as store:
-        store.claim_model(MODEL, None)
+        store.claim_model(model, None)
         for start in range(0, items, 10_000):
             vectors = vectors_of(rng, min(10_000, items - start))
             with store.write() as writer:
@@ -62,9 +63,12 @@ def _index(root: Path, vectors_of=_random_unit, items: int = ITEMS) -> None:
                 )
 
 
-def _wall(command: list[str], env: dict) -> float:
+def wall(command: list[str], env: dict) -> float:
+    """Seconds `command` took, start to exit; its error output when it fails."""
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, capture_output=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
     return time.perf_counter() - started
 
 
@@ -76,11 +80,11 @@ def _cold(index: Path) -> dict[str, float]:
         "import torch, open_clip": ([sys.executable, "-c", "import torch, open_clip"], env),
     }
     for command, command_env in commands.values():  # warm the page cache; the first makes the ONNX export
-        _wall(command, command_env)
+        wall(command, command_env)
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(COLD_RUNS):  # interleaved, so that a slow moment of the machine hits every kind alike
         for name, (command, command_env) in commands.items():
-            times[name].append(_wall(command, command_env))
+            times[name].append(wall(command, command_env))
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 
@@ -102,7 +106,7 @@ def _by_size(scratch: Path) -> list[dict]:
     results = []
     for size in SIZES:
         root = scratch / f"size-{size}"
-        _index(root, lambda rng, count: mixture(count, rng, centres), size)
+        index_random(root, lambda rng, count: mixture(count, rng, centres), size)
         with Store.open(root, write=True) as store:
             store.fit(progress=lambda *_: None)
             decision = store.decisions().get("image")
@@ -161,7 +165,7 @@ def _warm(index: Path, backend: str) -> dict[str, tuple[float, float]]:
 def run(report: dict) -> list[tuple[str, str, str]]:
     with tempfile.TemporaryDirectory() as scratch:
         index = Path(scratch) / "index"
-        _index(index)
+        index_random(index)
         cold = _cold(index)
         warm = {backend: _warm(index, backend) for backend in ("onnx", "torch")}
         sizes = _by_size(Path(scratch))
