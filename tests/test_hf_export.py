@@ -18,6 +18,7 @@ from indexer.models.hf_tokenizer import HfTokenizer
 from indexer.models.identity import ModelId
 from indexer.models.onnx_encoder import OnnxEncoder
 from indexer.models.onnx_export import export
+from tests.export_equality import assert_embeds_like_torch
 from tests.hf_tokenizer_files import TEXTS, siglip2_gemma, siglip_t5
 
 CONTEXT_LENGTH, DIM, SIDE = 64, 32, 32
@@ -49,13 +50,6 @@ def _encoder(name: str, tokenizer_folder) -> Encoder:
     return Encoder(model.eval(), tokenizer, preprocess, model_id, "cpu")
 
 
-def _pictures(count: int) -> list:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (48, 40 + n, 3), dtype=np.uint8)) for n in range(count)]
-
-
 def _export_embeds_like_torch(encoder: Encoder, folder) -> None:
     export(encoder, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -64,14 +58,7 @@ def _export_embeds_like_torch(encoder: Encoder, folder) -> None:
 
     onnx = OnnxEncoder(folder, encoder.model_id, int8="none")
     np.testing.assert_array_equal(onnx.tokenizer(TEXTS), encoder.tokenizer(TEXTS).numpy())
-    texts, theirs = onnx.embed_texts(TEXTS), encoder.embed_texts(TEXTS)
-    assert (texts * theirs).sum(axis=1).min() >= 0.9999
-    pictures = _pictures(6)
-    images, their_images = onnx.embed_images(pictures), encoder.embed_images(pictures)
-    assert (images * their_images).sum(axis=1).min() >= 0.9999
-    scores, their_scores = texts @ images.T, theirs @ their_images.T
-    np.testing.assert_allclose(scores, their_scores, rtol=0, atol=1e-5)
-    assert scores.argmax(axis=1).tolist() == their_scores.argmax(axis=1).tolist(), "each text finds the same picture"
+    assert_embeds_like_torch(onnx, encoder, TEXTS)
 
 
 @pytest.mark.parametrize("family", [siglip_t5, siglip2_gemma], ids=["SigLIP", "SigLIP 2"])

@@ -8,20 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from indexer.models.encoder import Encoder, load_encoder
 from indexer.models.onnx_encoder import ExportBrokenError, OnnxEncoder
 from indexer.models.onnx_export import export
+from tests.export_equality import assert_embeds_like_torch
 from tests.hf_text_towers import TOWERS, register
 from tests.hf_tokenizer_files import TEXTS
 
 QUERIES = ["一只晒太阳的猫", "a cat sunbathing", "猫", "햇볕을 쬐는 고양이", "🐱☀️", "قطة نائمة"]
-
-
-def _pictures(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (48, 40 + n, 3), dtype=np.uint8)) for n in range(count)]
 
 
 def _exported(folder, architecture: str, sizes: str) -> tuple[Encoder, OnnxEncoder]:
@@ -43,15 +38,7 @@ def _embeds_like_torch(encoder: Encoder, onnx: OnnxEncoder) -> None:
     np.testing.assert_array_equal(onnx.tokenizer(TEXTS), encoder.tokenizer(TEXTS).numpy())
     if onnx.tokenizer.family == "NllbTokenizer":  # open_clip tokenises in the config's language: English
         assert (onnx.tokenizer(QUERIES)[:, 0] == onnx.tokenizer.tokenizer.token_to_id("eng_Latn")).all()
-    texts, theirs = onnx.embed_texts(TEXTS + QUERIES), encoder.embed_texts(TEXTS + QUERIES)
-    assert (texts * theirs).sum(axis=1).min() >= 0.9999
-    pictures = _pictures(6)
-    images, their_images = onnx.embed_images(pictures), encoder.embed_images(pictures)
-    assert (images * their_images).sum(axis=1).min() >= 0.9999
-    scores, their_scores = texts @ images.T, theirs @ their_images.T
-    np.testing.assert_allclose(scores, their_scores, rtol=0, atol=1e-5)
-    order, their_order = np.argsort(-scores, axis=1), np.argsort(-their_scores, axis=1)
-    assert order[:, 0].tolist() == their_order[:, 0].tolist(), "each text finds the same picture first"
+    assert_embeds_like_torch(onnx, encoder, TEXTS + QUERIES)
 
 
 def test_the_export_embeds_like_torch(exported):
