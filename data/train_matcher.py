@@ -359,12 +359,10 @@ def group_loss(logits, labels):
 
 def save(model: Matcher, config: MatcherConfig, out: Path) -> None:
     state = {name: tensor.detach().half().contiguous() for name, tensor in model.state_dict().items()}
+    # the config as trained, less what is set after training (so the same command writes the same bytes)
+    trained = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("sha256", "dual_weight")}
     partial = out.with_suffix(".partial")
-    save_file(
-        state,
-        str(partial),
-        metadata={"config": json.dumps(dataclasses.asdict(dataclasses.replace(config, sha256=None)))},
-    )
+    save_file(state, str(partial), metadata={"config": json.dumps(trained)})
     partial.replace(out)
 
 

@@ -8,8 +8,8 @@ caption is true of the picture. The search engine re-ranks the dual encoder's sh
 one- and two-object scenes: text tokens attend to the picture's patches, as in BLIP's
 image-text matching head. It is small enough (under a million parameters) that its forward pass
 runs in numpy here, without torch or ONNX Runtime, so a query process re-ranks 30 candidates in
-milliseconds and loads nothing heavy; data/train_matcher.py holds the torch twin it is trained as,
-and tests/test_matcher.py holds the two to the same outputs.
+milliseconds and loads nothing heavy; data/train_matcher.py is its recipe,
+data/matcher_model.py the torch twin it is trained as, and tests/test_rerank.py holds the two to the same outputs.
 """
 
 from __future__ import annotations
