@@ -43,26 +43,23 @@ def engine(library):
 
 
 def test_the_matcher_binds_attributes_the_dual_encoder_mixes_up(demo_encoder):
-    """A caption against its twin with colours, sizes or shapes swapped between the two objects:
-    the matcher prefers the right one where the dual encoder cannot tell them apart. (Which object
-    is where, the position twin, the demo matcher does not yet tell apart reliably.)"""
+    """A caption against its twins with colours, sizes, shapes or places swapped between the two
+    objects: the matcher prefers the right one where the dual encoder cannot tell them apart."""
     matcher = load_matcher("demo", "demo")
     rng = np.random.default_rng(20)
     scenes = [pairs.random_pair(rng) for _ in range(12)]
     pictures = [pairs.render(scene, int(rng.choice(LIBRARY_SIDES)), rng) for scene in scenes]
     vectors = demo_encoder.embed_images(pictures)
-    dual, matched = [], []
+    dual, matched, placed = [], [], []
     for scene, picture, vector in zip(scenes, pictures, vectors, strict=True):
-        twins = [
-            pairs.swap(scene, a)
-            for a in ("colour", "size", "shape")
-            if scene.first.__dict__[a] != scene.second.__dict__[a]
-        ]
+        twins = pairs.twins(scene)
         texts = [pairs.caption(s) for s in [scene, *twins]]
         cosines, probabilities = demo_encoder.embed_texts(texts) @ vector, matcher.match([picture], texts)
         dual += list(cosines[0] > cosines[1:])
         matched += list(probabilities[0] > probabilities[1:])
+        placed.append(probabilities[0] > probabilities[1 + twins.index(pairs.swap(scene, "position"))])
     assert np.mean(matched) >= 0.9 and np.mean(dual) <= 0.7, (np.mean(matched), np.mean(dual))
+    assert np.mean(placed) >= 0.9, np.mean(placed)
 
 
 def test_the_numpy_matcher_gives_the_logits_of_its_torch_twin():

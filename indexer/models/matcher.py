@@ -8,8 +8,8 @@ caption is true of the picture. The search engine re-ranks the dual encoder's sh
 one- and two-object scenes: text tokens attend to the picture's patches, as in BLIP's
 image-text matching head. It is small enough (under a million parameters) that its forward pass
 runs in numpy here, without torch or ONNX Runtime, so a query process re-ranks 30 candidates in
-milliseconds and loads nothing heavy; data/train_matcher.py holds the torch twin it is trained as,
-and tests/test_matcher.py holds the two to the same outputs.
+milliseconds and loads nothing heavy; data/train_matcher.py is its recipe,
+data/matcher_model.py the torch twin it is trained as, and tests/test_rerank.py holds the two to the same outputs.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class Matcher:
         for n in range(c.image_layers):
             name = f"image_blocks.{n}"
             y = _layer_norm(x, w, f"{name}.ln1")
-            x = x + self._attention(y, y, None, None, f"{name}.attn")
+            x = x + self._attention(y, y, None, None, f"{name}.attn", None)
             x = x + self._mlp(_layer_norm(x, w, f"{name}.ln2"), f"{name}.mlp")
         return _layer_norm(x, w, "image_ln")
 
@@ -236,19 +236,26 @@ class Matcher:
         for n in range(self.config.fusion_layers):
             name = f"fusion_blocks.{n}"
             y = _layer_norm(x, w, f"{name}.ln1")
-            x = x + self._attention(y, y, mask, None, f"{name}.self_attn")
-            x = x + self._attention(_layer_norm(x, w, f"{name}.ln2"), patches, None, rows, f"{name}.cross_attn")
+            x = x + self._attention(y, y, mask, None, f"{name}.self_attn", None)
+            y = _layer_norm(x, w, f"{name}.ln2")
+            x = x + self._attention(y, patches, None, rows, f"{name}.cross_attn", w[f"{name}.cross_pos"])
             x = x + self._mlp(_layer_norm(x, w, f"{name}.ln3"), f"{name}.mlp")
         return _linear(_layer_norm(x[:, 0], w, "final_ln"), w, "head")[:, 0]
 
-    def _attention(self, x, context, key_mask, rows, name) -> np.ndarray:
+    def _attention(self, x, context, key_mask, rows, name, key_position) -> np.ndarray:
+        # key_position: added to every context row's keys (the cross-attention's patch positions)
         w, heads = self.weights, self.config.heads
         b, t, width = x.shape
 
         def split(y):
             return y.reshape(y.shape[0], -1, heads, width // heads).transpose(0, 2, 1, 3)
 
-        q, k, v = (split(_linear(z, w, f"{name}.{part}")) for z, part in ((x, "q"), (context, "k"), (context, "v")))
+        k = _linear(context, w, f"{name}.k")
+        q, k, v = (
+            split(_linear(x, w, f"{name}.q")),
+            split(k if key_position is None else k + key_position),
+            split(_linear(context, w, f"{name}.v")),
+        )
         if rows is not None:  # keys and values projected once per picture, read by each of its pairs
             k, v = k[rows], v[rows]
         logits = q @ k.transpose(0, 1, 3, 2) / np.float32(math.sqrt(width // heads))
