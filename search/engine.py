@@ -201,7 +201,8 @@ class SearchEngine:
         but never fewer than k when k match. k is capped at MAX_K.
 
         `rerank`: re-score the first `rerank` candidates with a matcher that reads the query with
-        each of them (search.matching), and order them by its probability of a match (Hit.match);
+        each of them (search.matching), and order them by its logit of a match with the dual
+        encoder's evidence added (Hit.match: the matcher's own probability);
         `matcher` names it (default: the one that suits the index's model, see `matchers`). The
         query is then one text (pictures re-ranked) or one picture (captions re-ranked).
         """

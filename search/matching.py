@@ -1,6 +1,6 @@
 """Re-ranking a search's short list with a matcher (indexer.models.matcher): the dual encoder finds
-the candidates, the matcher reads each candidate with the query and orders them by its
-probability of a match.
+the candidates, the matcher reads each candidate with the query and orders them by its logit of
+a match, the dual encoder's evidence added.
 
 A text query re-ranks pictures; a picture query (a file, bytes, a PIL image or a stored
 picture's id) re-ranks captions. The matcher reads the stored pictures from their files: a
@@ -61,9 +61,10 @@ def rerank(
 ) -> list[tuple[int, float, float | None]]:
     """`found` (id, cosine), best first, with its first `count` re-ordered by the matcher:
     (id, cosine, probability), the re-scored ones first; those the matcher could not read, and
-    those past `count`, keep their cosine order with no probability. The probability is the
-    matcher's, with the dual encoder's evidence added (Matcher.rerank_logits; `logit_scale`: the
-    dual encoder's)."""
+    those past `count`, keep their cosine order with no probability. The probability shown is the
+    matcher's own; the order is by its logit with the dual encoder's evidence added
+    (Matcher.rerank_logits; `logit_scale`: the dual encoder's), which alone would read as a
+    probability near 0 for every candidate but the dual encoder's first."""
     head = [(i, s) for i, s in found[:count] if i in rows]
     if isinstance(query, str):
         pictures = {i: _stored_picture(rows[i]) for i, _ in head}
@@ -72,10 +73,10 @@ def rerank(
     else:
         readable = head
         logits = matcher.match_logits([query], [rows[i].caption for i, _ in readable]) if readable else np.zeros(0)
-    if len(logits):
-        logits = matcher.rerank_logits(logits, np.array([s for _, s in readable]), logit_scale)
-    scores = 1 / (1 + np.exp(-logits))
-    scored = sorted([(i, s, float(p)) for (i, s), p in zip(readable, scores, strict=True)], key=lambda hit: -hit[2])
+    order = matcher.rerank_logits(logits, np.array([s for _, s in readable]), logit_scale) if len(logits) else logits
+    probabilities = 1 / (1 + np.exp(-logits))
+    ranked = sorted(zip(order, readable, probabilities, strict=True), key=lambda row: -row[0])
+    scored = [(i, s, float(p)) for _, (i, s), p in ranked]
     done = {i for i, _, _ in scored}
     return scored + [(i, s, None) for i, s in found if i not in done]
 

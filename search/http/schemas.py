@@ -107,7 +107,9 @@ class FilterFields(_Strict):
         description="A cosine, or 'match': from where the model (sigmoid-trained) sees a text and a picture match.",
     )
     rerank: whole(1, MAX_RERANK) | None = Field(
-        None, description="Re-score the first N candidates with a matcher and order them by its probability."
+        None,
+        description="Re-score the first N candidates with a matcher and order them by its logit with the dual "
+        "encoder's evidence added; each gains `match`, the matcher's own probability.",
     )
     matcher: str | None = Field(
         None, max_length=MAX_NAME, description="The matcher of `rerank` (default: the index's)."
