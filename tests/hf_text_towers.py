@@ -7,10 +7,12 @@ published config.json beside tokenizer files built locally in its family's forma
 
 Sizes: "tiny" keeps each tower's classes, pooling, projection and tokenizer and shrinks its
 sizes, and the picture tower's, so that an export takes seconds; "text" keeps the text tower's
-published sizes but for its vocabulary, cut to the tokenizer built here (a row of the embedding
-table is looked up, not computed: 192 M of xlm-roberta-base's 278 M parameters, 262 M of NLLB's
-encoder's 413 M), with one layer of NLLB's decoder (which open_clip drops) and a tiny picture
-tower; "published" keeps every size.
+published widths (hidden size, heads, feed-forward) in two of its twelve layers (each layer is
+the same code: depth adds export time, not paths; the bench's multilingual section exports all
+twelve), its vocabulary cut to the tokenizer built here (a row of the embedding table is looked
+up, not computed: 192 M of xlm-roberta-base's 278 M parameters, 262 M of NLLB's encoder's
+413 M), with one layer of NLLB's decoder (which open_clip drops) and a tiny picture tower;
+"published" keeps every size.
 """
 
 import json
@@ -79,6 +81,7 @@ TINY_SIZES = {
     "m2m_100": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 1, "encoder_attention_heads": 2}
     | {"decoder_attention_heads": 2, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
 }
+LAYERS = {"xlm-roberta": "num_hidden_layers", "m2m_100": "encoder_layers"}
 TINY_VISION = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16}
 
 
@@ -93,6 +96,8 @@ def register(folder: Path, architecture: str, sizes: str = "tiny") -> str:
         config["vocab_size"] = max(size, len(vocabulary["model"]["vocab"]))
         if "decoder_layers" in config:  # NLLB's decoder, built and then dropped by open_clip
             config["decoder_layers"] = 1
+    if sizes == "text":
+        config[LAYERS[config["model_type"]]] = 2
     if sizes == "tiny":
         config |= TINY_SIZES[config["model_type"]]
     (repository / "config.json").write_text(json.dumps(config), encoding="utf-8")

@@ -2,7 +2,7 @@
 export to ONNX and embed without torch: their attention mask and pooling over it, NLLB's
 language code, queries trimmed to their real tokens because that is exact for them. The real
 classes at random weights, tokenizers built locally (tests/hf_text_towers.py); the base models'
-text towers at their published sizes are in the slow tests."""
+text towers at their published widths are in the slow tests."""
 
 import shutil
 
@@ -81,9 +81,9 @@ def test_a_damaged_text_tower_is_an_error_not_a_wrong_vector(exported, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", sorted(TOWERS))
-def test_the_base_text_towers_export_at_their_published_sizes(architecture, tmp_path):
-    """xlm-roberta-base's 12 layers of 768 and NLLB-200-distilled-600M's encoder (12 layers of
-    1,024), their vocabularies the tokenizer's built here (tests/hf_text_towers.py)."""
+def test_the_base_text_towers_export_at_their_published_widths(architecture, tmp_path):
+    """xlm-roberta-base's layers of 768 and NLLB-200-distilled-600M's encoder's of 1,024, two of
+    each tower's twelve, their vocabularies the tokenizer's built here (tests/hf_text_towers.py)."""
     encoder, onnx = _exported(tmp_path / "model", architecture, "text")
     width = encoder.model.text.config.hidden_size
     assert width == {"xlm-roberta-base-ViT-B-32": 768, "nllb-clip-base-siglip": 1024}[architecture]

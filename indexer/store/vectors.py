@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -452,12 +453,18 @@ def stamp_path(path: Path) -> Path:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
+    """The temporary file's name is the writer's own: with the catalog on PostgreSQL, several
+    writers on one machine note their decisions in one folder at once."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with open(descriptor, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def fsync(path: Path) -> None:
