@@ -47,7 +47,7 @@ POLICY_JSON = """{
 # Chosen from measurements on other renderings than the one tested (the grid of the `judged`
 # fixture with seeds 0 and 2-11): with the first demo weights, red triangles scored 0.535-0.700,
 # pictures of other colours at most 0.571, other red shapes up to 0.635. The current weights
-# (README: the demo model's stages 4 and 5) give red triangles 0.588-0.676 there and other
+# (data/train_demo.py's stages 4 and 5) give red triangles 0.588-0.676 there and other
 # pictures at most 0.581 but for one small red star at 0.618, so the thresholds stand: block
 # from 0.60, and the review band [0.56, 0.60) sends the close calls to a person.
 RED_TRIANGLES_SETTINGS = {

@@ -119,6 +119,16 @@ def index(
     With --ray, a Ray Data pipeline decodes and embeds into shards, which are then ingested;
     PATHS may then be lists (Parquet, CSV, JSONL) of picture URLs or paths with captions, or
     WebDataset .tar shards.
+
+    Reads JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF and MPO (HEIC with the `heif` extra), following
+    links; EXIF orientation is applied, transparency flattened onto white, animations give their
+    first frame. A file is decoded again only when its size or time changed, and a changed one
+    is hashed first, so a moved or copied picture keeps its embedding. Pictures are committed in
+    batches of 32: after a crash, running the command again finishes the job without duplicates.
+    Ctrl-C exits with status 130. A missing folder (an unplugged disk) is an error that changes
+    nothing. The run ends with its bottleneck, the share of time spent waiting for decoded
+    pictures, embedding and writing: `decode` means more cores (or --decode-workers) would help,
+    `embed` a faster device, `write` a faster disk.
     """
     from tqdm import tqdm
 
@@ -255,7 +265,12 @@ def _progress_bars():
 @model_options
 @json_option
 def add_captions(file, collection, file_format, index, model, pretrained, checkpoint, as_json):
-    """Embed a caption collection (CSV, TSV, JSONL or text, one caption a line) for image→text search."""
+    """Embed a caption collection (CSV, TSV, JSONL or text, one caption a line) for image→text search.
+
+    CSV, TSV and JSONL give the caption as `caption` or `text`, with optional `id` and `image` (or
+    `path`); --format when the suffix does not say. Unreadable rows are listed with their line
+    numbers; exact duplicates within a collection are stored once.
+    """
     with _open_indexer(index, model, pretrained, checkpoint) as indexer:
         report = indexer.add_captions(file, collection, file_format)
     if as_json:

@@ -30,7 +30,14 @@ MATCHERS_NOTE = (
 @json_option
 @click.pass_context
 def models(ctx: click.Context, bench: tuple[str, ...], as_json: bool) -> None:
-    """The models worth choosing for real photos: languages, size, accuracy, cached or not, ONNX path."""
+    """The models worth choosing for real photos: languages, size, accuracy, cached or not, ONNX path.
+
+    Accuracy is the published ImageNet zero-shot top-1 (open_clip's results table; MobileCLIP-S1:
+    Apple's model card); sizes are the weights at float32. SigLIP and the multilingual models need
+    the `hf` extra and read their tokenizer from a hub repository of their own, fetched and checked
+    like the weights. Any other open_clip architecture and tag works too, as does
+    `hf-hub:ORG/REPO`; `demo` is the bundled demo model.
+    """
     if ctx.invoked_subcommand is not None:
         return
     if bench:

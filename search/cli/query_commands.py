@@ -137,6 +137,14 @@ def search(
       clipseek search beach --add dog --subtract people@0.5
       clipseek search --image cat.jpg --texts
       clipseek search "a red circle on the left and a blue square on the right" --rerank
+
+    Scores are cosine similarities, and what one means depends on the model's training. With
+    CLIP's softmax loss (ViT-B-32, the XLM-RoBERTa models, MobileCLIP) a text and a matching
+    picture commonly score 0.25 to 0.35, unrelated ones a little less: scores only rank. Models
+    trained with SigLIP's sigmoid loss (SigLIP, SigLIP 2, NLLB-SigLIP) have a cosine of their own
+    where a pair becomes more likely a match than not: --min-score match filters on it (an error
+    with a softmax model). A numeric --min-score holds only for the model it was set with. A
+    filtered search returns the exact top k among the matching items.
     """
     if matcher is not None and rerank is None:
         raise click.UsageError("--matcher chooses the matcher of --rerank: give --rerank too")

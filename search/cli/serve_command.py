@@ -42,7 +42,10 @@ def _public_url(ctx, param, text: str | None) -> str:
     default=30.0,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
-    help="Seconds per request.",
+    help=(
+        "Seconds per request, waiting in the queue included: past it, 504"
+        " (work already running finishes its current engine call)."
+    ),
 )
 @click.option(
     "--workers",
@@ -54,7 +57,14 @@ def _public_url(ctx, param, text: str | None) -> str:
     type=click.IntRange(min=0),
     help="Requests that wait for a worker; more are answered 503 with Retry-After [default: 64].",
 )
-@click.option("--fetch-urls", is_flag=True, help="Let /knn-service fetch image_url (public addresses only).")
+@click.option(
+    "--fetch-urls",
+    is_flag=True,
+    help=(
+        "Let /knn-service fetch image_url: public addresses only (no loopback, private, link-local,"
+        " multicast or reserved ones, also inside IPv6), no redirects, at most --max-upload bytes."
+    ),
+)
 @click.option("--cors", multiple=True, metavar="ORIGIN", help="Let pages from ORIGIN call the API (repeatable).")
 @click.option(
     "--public-url",
