@@ -283,20 +283,18 @@ class SearchEngine:
         return [dataclasses.replace(_hit(rows[i], s), match=p) for i, s, p in ordered if i in rows]
 
     def matcher(self, name: str | None = None) -> Matcher:
-        """The matcher called `name`, or the one that suits the index's model; QueryError when
-        there is none (indexer.models.matcher.available_matchers)."""
-        from indexer.models.matcher import available_matchers, load_matcher
+        """The matcher called `name` (BLIP's weights downloaded now where they are missing, unless
+        offline), or the one on this machine that suits the index's model; QueryError when there
+        is none (indexer.models.matcher.available_matchers)."""
+        from indexer.models.matcher import available_matchers, load_matcher, none_available
 
         architecture = self.store.model_id.architecture
         if name is None:
             suited = available_matchers(architecture)
             if not suited:
-                raise QueryError(
-                    f"no matcher suits this index's model ({architecture}), so its results cannot be "
-                    "re-ranked: search without --rerank"
-                )
+                raise QueryError(f"{none_available(architecture)}; or search without --rerank")
             name = suited[0]
-        return load_matcher(name, architecture)
+        return load_matcher(name, architecture, offline=self._offline)
 
     def similar(self, item_or_image: Any, threshold: float = 0.9, k: int = 100) -> list[Hit]:
         """Pictures at least `threshold` similar to a stored item or an image: near-duplicates."""

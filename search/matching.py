@@ -29,7 +29,7 @@ __all__ = ["READ_SIDE", "query_side", "rerank"]
 
 log = logging.getLogger("clipseek")
 
-READ_SIDE = 256  # stored pictures are decoded to at least this side before the matcher's own resizing
+READ_SIDE = 256  # stored pictures are decoded to at least this side (or the matcher's) before its own resizing
 
 
 def query_side(query: Any, modality: str, store: Store, read_query_image: Callable[[Any], Image.Image]):
@@ -67,7 +67,8 @@ def rerank(
     probability near 0 for every candidate but the dual encoder's first."""
     head = [(i, s) for i, s in found[:count] if i in rows]
     if isinstance(query, str):
-        pictures = {i: _stored_picture(rows[i]) for i, _ in head}
+        side = max(READ_SIDE, matcher.image_side)
+        pictures = {i: _stored_picture(rows[i], side) for i, _ in head}
         readable = [(i, s) for i, s in head if pictures[i] is not None]
         logits = matcher.match_logits([pictures[i] for i, _ in readable], [query]) if readable else np.zeros(0)
     else:
@@ -81,11 +82,11 @@ def rerank(
     return scored + [(i, s, None) for i, s in found if i not in done]
 
 
-def _stored_picture(row) -> Image.Image | None:
+def _stored_picture(row, side: int = READ_SIDE) -> Image.Image | None:
     from indexer.sources.pictures import decode_image  # Pillow's decoders: loaded when a search re-ranks
 
     try:
-        return decode_image(os.fsencode(row.path), READ_SIDE).image
+        return decode_image(os.fsencode(row.path), side).image
     except BadFileError as error:
         log.warning("re-ranking: %s cannot be read (%s); it keeps its cosine order", row.display, error)
         return None
