@@ -160,7 +160,14 @@ class SearchEngine:
             return self.encoder.embed_texts([str(value)])[0]
         return self.encoder.embed_images([self._query_image(value)])[0]
 
-    def _query_image(self, value: Any) -> Image.Image:
+    def read_picture(self, value: Any, side: int | None = None) -> Image.Image:
+        """A picture given as a path, bytes, a PIL image or a stored picture's id, decoded to at
+        least `side` (default: the model's)."""
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            value = self.image_file(int(value))
+        return self._query_image(value, side)
+
+    def _query_image(self, value: Any, side: int | None = None) -> Image.Image:
         from PIL import Image
 
         if isinstance(value, Image.Image):
@@ -168,7 +175,7 @@ class SearchEngine:
         source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else os.fsencode(value)
         name = "the query image" if isinstance(source, io.BytesIO) else os.fsdecode(source)
         try:
-            return decode_image(source, self.store.model_id.side, self.max_pixels).image
+            return decode_image(source, side or self.store.model_id.side, self.max_pixels).image
         except PixelBudgetError as error:
             raise PixelBudgetError(f"{name}: {error}") from error
         except BadFileError as error:
