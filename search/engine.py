@@ -281,11 +281,11 @@ class SearchEngine:
             found = found[offset : offset + k]
             rows = self.store.catalog.items_by_id([i for i, _ in found])
             return [_hit(rows[i], s) for i, s in found if i in rows]
-        from search.matching import query_side, rerank
+        from search.matching import query_side, reading_side, rerank
 
         matcher, count, query = reranking
         rows = self.store.catalog.items_by_id([i for i, _ in found])
-        read = query_side(query, modality, self.store, self._query_image)
+        read = query_side(query, modality, self.store, self._query_image, reading_side(matcher))
         ordered = rerank(matcher, read, rows, found, count, self.encoder.logit_scale)[offset : offset + k]
         return [dataclasses.replace(_hit(rows[i], s), match=p) for i, s, p in ordered if i in rows]
 

@@ -29,6 +29,7 @@ import yaml
 
 from indexer.errors import PolicyError, QueryError
 from indexer.models.matcher import MATCHERS
+from search.matching import reading_side
 from search.query import Query
 
 if TYPE_CHECKING:
@@ -312,7 +313,7 @@ def _confirmed(
         if matcher is None or score.action != "review":
             confirmed.append(score)
             continue
-        side = max(matcher.image_side, 256)
+        side = reading_side(matcher)
         if side not in pictures:
             pictures[side] = engine.read_picture(image, side)
         best = float(matcher.match([pictures[side]], list(concept.prompts)).max())

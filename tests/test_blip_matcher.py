@@ -20,7 +20,8 @@ from indexer.models import hub
 from indexer.models.matcher import BLIP_FILES, available_matchers, load_matcher
 from indexer.pipeline import Indexer
 from search.cli.main import cli
-from search.engine import SearchEngine
+from search.engine import Query, SearchEngine
+from search.matching import reading_side
 from tests.hf_tokenizer_files import bert
 from tests.hub_server import serving_hub
 
@@ -60,7 +61,8 @@ def index(tmp_path_factory):
     pictures = write_library(root / "library", count=12, seed=9)
     with Indexer.open(root / "index", model="demo") as indexer:
         indexer.index([root / "library"])
-    return root / "index", pictures
+        indexer.add_captions(root / "library" / "captions.jsonl", "captions")
+    return root / "index", [(root / "library" / picture.path, picture.caption) for picture in pictures]
 
 
 @pytest.fixture
@@ -135,7 +137,7 @@ def test_cli_reranks_with_blip_and_says_which_matcher(blip_repo, index, hub_env,
     """`--matcher blip` downloads BLIP and shows both scores; then status, models and --json say so."""
     folder, pictures = index
     runner = CliRunner()
-    text = pictures[0].caption
+    path, text = pictures[0]
     with serving_hub({REPO: blip_repo}) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         result = runner.invoke(
@@ -152,7 +154,12 @@ def test_cli_reranks_with_blip_and_says_which_matcher(blip_repo, index, hub_env,
         matcher = engine.matcher("blip")
         logits = matcher.match_logits([Image.open(hit.path) for hit in hits], [text])
         combined = matcher.rerank_logits(logits, np.array([hit.score for hit in hits]), engine.encoder.logit_scale)
+        captions = engine.search(Query.image(path), k=3, modality="text", rerank=5, matcher="blip")
+        caption_logits = matcher.match_logits(
+            [engine.read_picture(path, reading_side(matcher))], [hit.caption for hit in captions]
+        )
     assert {hit.id for hit in hits} == {hit.id for hit in plain}
+    assert [hit.match for hit in captions] == pytest.approx(1 / (1 + np.exp(-caption_logits)), abs=1e-4)
     assert [hit.match for hit in hits] == pytest.approx(1 / (1 + np.exp(-logits)), abs=1e-4)
     assert list(np.argsort(-combined, kind="stable")) == list(range(6))
     assert [row[2] for row in rows] == [hit.path for hit in hits[:4]]
