@@ -121,11 +121,15 @@ def test_offline_or_unreachable_a_missing_blip_fails_at_once_with_what_to_do(hub
         load_matcher("demo", "ViT-B-32")
 
 
-def test_damaged_weights_in_the_cache_are_refused(blip_repo, hub_env, monkeypatch):
+def test_models_fetch_blip_and_damaged_weights_in_the_cache_are_refused(blip_repo, hub_env, monkeypatch):
     with serving_hub({REPO: blip_repo}) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
-        weights = hub.weights_file(BLIP_FILES)
-    blob = Path(weights).resolve()
+        fetched = CliRunner().invoke(cli, ["models", "fetch", "blip", "--json"])
+    assert fetched.exit_code == 0, fetched.output
+    document = json.loads(fetched.stdout)
+    assert document["folder"] == str(hub_env / FOLDER) and document["model"] == BLIP_FILES.label
+    assert hub.cached(BLIP_FILES) == Path(document["weights"])
+    blob = Path(document["weights"]).resolve()
     data = bytearray(blob.read_bytes())
     data[-1] ^= 1
     blob.write_bytes(bytes(data))
