@@ -70,9 +70,11 @@ class SearchEngine:
         *,
         max_pixels: int | None = None,
         placement: Placement = CPU,
+        fetch_matchers: bool = True,
     ):
         self.store = store
         self.max_pixels = max_pixels
+        self.fetch_matchers = fetch_matchers
         self._placement = placement
         self._checkpoint = checkpoint
         self._offline = offline
@@ -89,12 +91,15 @@ class SearchEngine:
         *,
         max_pixels: int | None = None,
         device: str = "auto",
+        fetch_matchers: bool = True,
     ) -> SearchEngine:
         """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved
         (they must be the same weights). The model's weights, when missing from the cache, download
         on first use unless `offline` (None: CLIPSEEK_OFFLINE or HF_HUB_OFFLINE say). `max_pixels`:
         the pixel budget of pictures given to it. `device`: where queries embed ("auto": a GPU only
-        through ONNX Runtime's CUDA provider; see indexer.models.devices)."""
+        through ONNX Runtime's CUDA provider; see indexer.models.devices). `fetch_matchers`: whether
+        a query that asks for a matcher missing from the cache downloads it (a server says no, so
+        that no request starts a download: QueryError instead)."""
         placement = place(device, queries=True)  # a device that is not there fails before the index opens
         store = Store.open(index_location(index))
         try:
@@ -102,7 +107,9 @@ class SearchEngine:
         except BaseException:
             store.close()
             raise
-        return cls(store, checkpoint, offline, max_pixels=max_pixels, placement=placement)
+        return cls(
+            store, checkpoint, offline, max_pixels=max_pixels, placement=placement, fetch_matchers=fetch_matchers
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -301,7 +308,7 @@ class SearchEngine:
             if not suited:
                 raise QueryError(f"{none_available(architecture)}; or search without --rerank")
             name = suited[0]
-        return load_matcher(name, architecture, offline=self._offline)
+        return load_matcher(name, architecture, offline=self._offline, fetch=self.fetch_matchers)
 
     def similar(self, item_or_image: Any, threshold: float = 0.9, k: int = 100) -> list[Hit]:
         """Pictures at least `threshold` similar to a stored item or an image: near-duplicates."""

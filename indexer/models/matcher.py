@@ -172,11 +172,17 @@ def none_available(architecture: str) -> str:
 
 
 def load_matcher(
-    name: str, architecture: str | None = None, *, cache_dir: str | Path | None = None, offline: bool | None = None
+    name: str,
+    architecture: str | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    offline: bool | None = None,
+    fetch: bool = True,
 ) -> Matcher:
     """The matcher called `name`, checked against its recorded identity (the sha256 of its weights)
     and, given the index's `architecture`, against the pictures it suits. BLIP's weights come from
-    the hub's cache, downloaded now unless offline (ModelError at once, with what to do)."""
+    the hub's cache, downloaded now unless offline (ModelError at once, with what to do) or told
+    not to `fetch` (QueryError: the caller asked for what this process does not download)."""
     if name not in MATCHERS:
         raise QueryError(f"unknown matcher {name!r}: clipseek knows {', '.join(MATCHERS)}")
     if architecture is not None and not suits(name, architecture):
@@ -187,6 +193,11 @@ def load_matcher(
         return open_matcher(str(matcher_config()), str(matcher_weights()))
     if importlib.util.find_spec("transformers") is None:
         raise ModelError("the blip matcher runs with the transformers package: pip install 'clipseek[hf]'")
+    if not fetch and hub.cached(BLIP_FILES, cache_dir) is None:
+        raise QueryError(
+            f"the blip matcher is not on this machine, and it is not downloaded on request: run "
+            f"`clipseek models fetch blip` ({BLIP_SIZE}) where this runs"
+        )
     weights = hub.weights_file(BLIP_FILES, cache_dir, offline)
     from indexer.models.blip_matcher import open_blip  # torch and transformers: loaded when BLIP re-ranks
 
