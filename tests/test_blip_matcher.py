@@ -3,6 +3,7 @@ small BlipConfig (two layers of each tower, narrow, the real layer types) publis
 layout by tests/hub_server.py on loopback, downloaded through the real code, and re-ranking a
 demo index (the plumbing; its figures mean nothing at random weights)."""
 
+import io
 import json
 import re
 import socket
@@ -103,6 +104,29 @@ def test_blip_downloads_once_and_gives_the_itm_heads_probabilities(blip_repo, hu
     np.testing.assert_allclose(matcher.match([pictures[0]], texts), theirs, atol=1e-5)
     np.testing.assert_allclose(matcher.match(pictures, [texts[1]]), theirs_single, atol=1e-5)
     assert len(set(np.round(theirs, 6))) == 3  # three captions, three different answers: a real pass
+
+
+def test_a_repository_without_safetensors_gives_its_pytorch_weights(blip_repo, hub_env, monkeypatch):
+    """Where the repository holds PyTorch's file only, it is downloaded and read by torch's
+    weights-only unpickler, with the same probabilities as the safetensors copy."""
+    from safetensors.torch import load
+
+    pickled = {name: data for name, data in blip_repo.items() if name != "model.safetensors"}
+    buffer = io.BytesIO()
+    torch.save(load(blip_repo["model.safetensors"]), buffer)
+    pickled["pytorch_model.bin"] = buffer.getvalue()
+    picture = Image.new("RGB", (60, 40), (200, 30, 30))
+    with serving_hub({REPO: pickled}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        matcher = load_matcher("blip")
+    assert hub.cached(BLIP_FILES).name == "pytorch_model.bin"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_env.parent / "other"))
+    with serving_hub({REPO: blip_repo}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        safe = load_matcher("blip")
+    assert hub.cached(BLIP_FILES).name == "model.safetensors" and safe is not matcher
+    texts = ["a red square", "a cat"]
+    np.testing.assert_allclose(matcher.match([picture], texts), safe.match([picture], texts), atol=1e-6)
 
 
 def test_offline_or_unreachable_a_missing_blip_fails_at_once_with_what_to_do(hub_env, monkeypatch):
