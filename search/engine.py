@@ -70,9 +70,11 @@ class SearchEngine:
         *,
         max_pixels: int | None = None,
         placement: Placement = CPU,
+        fetch_matchers: bool = True,
     ):
         self.store = store
         self.max_pixels = max_pixels
+        self.fetch_matchers = fetch_matchers
         self._placement = placement
         self._checkpoint = checkpoint
         self._offline = offline
@@ -89,12 +91,15 @@ class SearchEngine:
         *,
         max_pixels: int | None = None,
         device: str = "auto",
+        fetch_matchers: bool = True,
     ) -> SearchEngine:
         """Open an index by name or folder. `checkpoint`: where its model's weights are now, if moved
         (they must be the same weights). The model's weights, when missing from the cache, download
         on first use unless `offline` (None: CLIPSEEK_OFFLINE or HF_HUB_OFFLINE say). `max_pixels`:
         the pixel budget of pictures given to it. `device`: where queries embed ("auto": a GPU only
-        through ONNX Runtime's CUDA provider; see indexer.models.devices)."""
+        through ONNX Runtime's CUDA provider; see indexer.models.devices). `fetch_matchers`: whether
+        a query that asks for a matcher missing from the cache downloads it (a server says no, so
+        that no request starts a download: QueryError instead)."""
         placement = place(device, queries=True)  # a device that is not there fails before the index opens
         store = Store.open(index_location(index))
         try:
@@ -102,7 +107,9 @@ class SearchEngine:
         except BaseException:
             store.close()
             raise
-        return cls(store, checkpoint, offline, max_pixels=max_pixels, placement=placement)
+        return cls(
+            store, checkpoint, offline, max_pixels=max_pixels, placement=placement, fetch_matchers=fetch_matchers
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -160,7 +167,14 @@ class SearchEngine:
             return self.encoder.embed_texts([str(value)])[0]
         return self.encoder.embed_images([self._query_image(value)])[0]
 
-    def _query_image(self, value: Any) -> Image.Image:
+    def read_picture(self, value: Any, side: int | None = None) -> Image.Image:
+        """A picture given as a path, bytes, a PIL image or a stored picture's id, decoded to at
+        least `side` (default: the model's)."""
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            value = self.image_file(int(value))
+        return self._query_image(value, side)
+
+    def _query_image(self, value: Any, side: int | None = None) -> Image.Image:
         from PIL import Image
 
         if isinstance(value, Image.Image):
@@ -168,7 +182,7 @@ class SearchEngine:
         source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else os.fsencode(value)
         name = "the query image" if isinstance(source, io.BytesIO) else os.fsdecode(source)
         try:
-            return decode_image(source, self.store.model_id.side, self.max_pixels).image
+            return decode_image(source, side or self.store.model_id.side, self.max_pixels).image
         except PixelBudgetError as error:
             raise PixelBudgetError(f"{name}: {error}") from error
         except BadFileError as error:
@@ -274,29 +288,27 @@ class SearchEngine:
             found = found[offset : offset + k]
             rows = self.store.catalog.items_by_id([i for i, _ in found])
             return [_hit(rows[i], s) for i, s in found if i in rows]
-        from search.matching import query_side, rerank
+        from search.matching import query_side, reading_side, rerank
 
         matcher, count, query = reranking
         rows = self.store.catalog.items_by_id([i for i, _ in found])
-        read = query_side(query, modality, self.store, self._query_image)
+        read = query_side(query, modality, self.store, self._query_image, reading_side(matcher))
         ordered = rerank(matcher, read, rows, found, count, self.encoder.logit_scale)[offset : offset + k]
         return [dataclasses.replace(_hit(rows[i], s), match=p) for i, s, p in ordered if i in rows]
 
     def matcher(self, name: str | None = None) -> Matcher:
-        """The matcher called `name`, or the one that suits the index's model; QueryError when
-        there is none (indexer.models.matcher.available_matchers)."""
-        from indexer.models.matcher import available_matchers, load_matcher
+        """The matcher called `name` (BLIP's weights downloaded now where they are missing, unless
+        offline), or the one on this machine that suits the index's model; QueryError when there
+        is none (indexer.models.matcher.available_matchers)."""
+        from indexer.models.matcher import available_matchers, load_matcher, none_available
 
         architecture = self.store.model_id.architecture
         if name is None:
             suited = available_matchers(architecture)
             if not suited:
-                raise QueryError(
-                    f"no matcher suits this index's model ({architecture}), so its results cannot be "
-                    "re-ranked: search without --rerank"
-                )
+                raise QueryError(f"{none_available(architecture)}; or search without --rerank")
             name = suited[0]
-        return load_matcher(name, architecture)
+        return load_matcher(name, architecture, offline=self._offline, fetch=self.fetch_matchers)
 
     def similar(self, item_or_image: Any, threshold: float = 0.9, k: int = 100) -> list[Hit]:
         """Pictures at least `threshold` similar to a stored item or an image: near-duplicates."""

@@ -25,15 +25,18 @@ if TYPE_CHECKING:
     from indexer.models.matcher import Matcher
     from indexer.store import Store
 
-__all__ = ["READ_SIDE", "query_side", "rerank"]
+__all__ = ["READ_SIDE", "query_side", "reading_side", "rerank"]
 
 log = logging.getLogger("clipseek")
 
-READ_SIDE = 256  # stored pictures are decoded to at least this side before the matcher's own resizing
+READ_SIDE = 256  # stored pictures are decoded to at least this side (or the matcher's) before its own resizing
 
 
-def query_side(query: Any, modality: str, store: Store, read_query_image: Callable[[Any], Image.Image]):
-    """What the matcher reads of the query: its text (re-ranking pictures) or its picture (captions)."""
+def query_side(
+    query: Any, modality: str, store: Store, read_query_image: Callable[[Any, int], Image.Image], side: int = READ_SIDE
+):
+    """What the matcher reads of the query: its text (re-ranking pictures) or its picture
+    (captions), decoded to at least `side` (the matcher's: READ_SIDE or more)."""
     terms = Query.of(query).terms
     wanted = "text" if modality == "image" else "picture"
     if len(terms) != 1 or terms[0][0] != 1.0 or terms[0][1] == "vector":
@@ -44,7 +47,7 @@ def query_side(query: Any, modality: str, store: Store, read_query_image: Callab
         if row is None:
             raise QueryError(f"no item {value} in the index")
         kind = "text" if row.modality == "text" else "image"
-        value = row.caption if kind == "text" else _stored_picture(row)
+        value = row.caption if kind == "text" else _stored_picture(row, side)
         if value is None:
             raise QueryError(f"the picture of item {row.id} cannot be read now")
     if (kind == "text") != (modality == "image"):
@@ -53,7 +56,7 @@ def query_side(query: Any, modality: str, store: Store, read_query_image: Callab
             f"re-ranks captions (--texts); this one asks for {'captions' if modality == 'text' else 'pictures'} "
             f"with a {'text' if kind == 'text' else 'picture'}"
         )
-    return value if kind == "text" else read_query_image(value)
+    return value if kind == "text" else read_query_image(value, side)
 
 
 def rerank(
@@ -67,7 +70,7 @@ def rerank(
     probability near 0 for every candidate but the dual encoder's first."""
     head = [(i, s) for i, s in found[:count] if i in rows]
     if isinstance(query, str):
-        pictures = {i: _stored_picture(rows[i]) for i, _ in head}
+        pictures = {i: _stored_picture(rows[i], reading_side(matcher)) for i, _ in head}
         readable = [(i, s) for i, s in head if pictures[i] is not None]
         logits = matcher.match_logits([pictures[i] for i, _ in readable], [query]) if readable else np.zeros(0)
     else:
@@ -81,11 +84,17 @@ def rerank(
     return scored + [(i, s, None) for i, s in found if i not in done]
 
 
-def _stored_picture(row) -> Image.Image | None:
+def reading_side(matcher: Matcher) -> int:
+    """The side pictures are decoded to for `matcher`: at least its own, so that it never reads an
+    enlarged thumbnail."""
+    return max(READ_SIDE, matcher.image_side)
+
+
+def _stored_picture(row, side: int = READ_SIDE) -> Image.Image | None:
     from indexer.sources.pictures import decode_image  # Pillow's decoders: loaded when a search re-ranks
 
     try:
-        return decode_image(os.fsencode(row.path), READ_SIDE).image
+        return decode_image(os.fsencode(row.path), side).image
     except BadFileError as error:
         log.warning("re-ranking: %s cannot be read (%s); it keeps its cosine order", row.display, error)
         return None

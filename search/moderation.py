@@ -7,11 +7,14 @@
 
 A concept scores a picture (and any text that comes with it) by cosine similarity to its prompts
 in the shared CLIP space; a blocklist matches pictures that look like ones under a folder of the
-same index. The decision is the strongest action any of them asks for.
+same index. The decision is the strongest action any of them asks for. A concept with `confirm`
+has the pictures in its review band read again by a matcher (indexer.models.matcher) with its
+prompts: blocked where the matcher's probability for a prompt reaches CONFIRM_AT, else allowed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -25,15 +28,19 @@ import numpy as np
 import yaml
 
 from indexer.errors import PolicyError, QueryError
+from indexer.models.matcher import MATCHERS
+from search.matching import reading_side
 from search.query import Query
 
 if TYPE_CHECKING:
+    from indexer.models.matcher import Matcher
     from search.engine import SearchEngine
 
 __all__ = ["Blocklist", "BlocklistMatch", "Concept", "ConceptScore", "Policy", "Verdict", "Weights"]
 
 ACTIONS = ("allow", "review", "block")  # weakest first: a decision is the strongest action asked for
 BLOCKLIST_K = 3  # matches reported per blocklist; one is enough to act, a few help the reviewer
+CONFIRM_AT = 0.5  # a matcher's probability from which it confirms a concept in its review band: even odds
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Concept:
     threshold: float  # fused score at or above → block
     review: float | None  # fused score at or above → review
     weights: Weights
+    confirm: bool | str = False  # the review band re-scored by a matcher: True (the index's) or its name
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,8 @@ class ConceptScore:
     text: float | None  # best prompt similarity of the text; None without one
     score: float | None  # fused; None when the concept gives no weight to what was given
     action: str
+    matcher: str | None = None  # the matcher that confirmed (block) or rejected (allow) a review
+    match: float | None = None  # its best probability over the concept's prompts
 
 
 @dataclass(frozen=True)
@@ -184,14 +194,20 @@ def _prompts(value: Any, field: str) -> tuple[str, ...]:
 
 def _concept(name: str, value: Any, weights: Weights) -> Concept:
     field = f'concepts["{name}"]'
-    value = _mapping(value, field, ("prompts", "threshold", "review", "weights"), required=("prompts", "threshold"))
+    keys = ("prompts", "threshold", "review", "weights", "confirm")
+    value = _mapping(value, field, keys, required=("prompts", "threshold"))
     threshold = _number(value["threshold"], f"{field}.threshold", -1, 1)
     review = _number(value["review"], f"{field}.review", -1, 1) if value.get("review") is not None else None
     if review is not None and review > threshold:
         raise PolicyError(f"{field}.review ({review:g}) must be at most threshold ({threshold:g})")
     if "weights" in value:
         weights = _weights(value["weights"], f"{field}.weights")
-    return Concept(name, _prompts(value["prompts"], f"{field}.prompts"), threshold, review, weights)
+    confirm = value.get("confirm") or False
+    if confirm is not False and confirm is not True and confirm not in MATCHERS:
+        raise PolicyError(f"{field}.confirm must be true or a matcher ({', '.join(MATCHERS)}), not {confirm!r}")
+    if confirm and review is None:
+        raise PolicyError(f"{field}.confirm re-scores the review band: give review too")
+    return Concept(name, _prompts(value["prompts"], f"{field}.prompts"), threshold, review, weights, confirm)
 
 
 def _blocklist(name: str, value: Any, base: Path | None) -> Blocklist:
@@ -236,6 +252,8 @@ def moderate(engine: SearchEngine, items: Sequence[tuple[Any, str | None]], poli
     texts = [text for _, text in pairs if text is not None]
     text_vectors = iter(engine.encoder.embed_texts(texts) if texts else ())
     prompts = engine.embed_prompts(policy.prompts) if policy.prompts else None
+    # loaded before any item is judged, so that a matcher that is not to be had fails the call at once
+    matchers = {c.name: engine.matcher(None if c.confirm is True else c.confirm) for c in policy.concepts if c.confirm}
     verdicts = []
     for image, text in pairs:
         vectors = {"image": next(image_vectors) if image is not None else None}
@@ -246,6 +264,8 @@ def moderate(engine: SearchEngine, items: Sequence[tuple[Any, str | None]], poli
             if vector is not None and prompts is not None
         }
         scores = [_concept_score(concept, similarity) for concept in policy.concepts]
+        if image is not None:
+            scores = _confirmed(engine, policy.concepts, scores, matchers, image)
         matches = _matches(engine, policy.blocklists, vectors["image"]) if image is not None else []
         verdicts.append(_verdict(policy, scores, matches))
     return verdicts
@@ -278,6 +298,30 @@ def _concept_score(concept: Concept, similarity: dict[str, dict[str, float]]) ->
     return ConceptScore(concept.name, best.get("image"), best.get("text"), score, action)
 
 
+def _confirmed(
+    engine: SearchEngine,
+    concepts: Sequence[Concept],
+    scores: list[ConceptScore],
+    matchers: dict[str, Matcher],
+    image: Any,
+) -> list[ConceptScore]:
+    """The scores, those in the review band of a concept with `confirm` moved to block or allow by
+    its matcher's best probability over the concept's prompts."""
+    confirmed, pictures = [], {}
+    for concept, score in zip(concepts, scores, strict=True):
+        matcher = matchers.get(concept.name)
+        if matcher is None or score.action != "review":
+            confirmed.append(score)
+            continue
+        side = reading_side(matcher)
+        if side not in pictures:
+            pictures[side] = engine.read_picture(image, side)
+        best = float(matcher.match([pictures[side]], list(concept.prompts)).max())
+        action = "block" if best >= CONFIRM_AT else "allow"
+        confirmed.append(dataclasses.replace(score, action=action, matcher=matcher.name, match=best))
+    return confirmed
+
+
 def _matches(engine: SearchEngine, blocklists: Sequence[Blocklist], vector: np.ndarray) -> list[BlocklistMatch]:
     query = Query.vector(vector)
     return [
@@ -291,7 +335,7 @@ def _verdict(policy: Policy, scores: list[ConceptScore], matches: list[Blocklist
     reasons = [
         (score.action, _concept_reason(concept, score))
         for concept, score in zip(policy.concepts, scores, strict=True)
-        if score.action != "allow"
+        if score.action != "allow" or score.matcher is not None  # a rejection is recorded too
     ]
     reasons += [(m.action, f"looks like '{m.blocklist}' item {m.id} {m.path} ({m.similarity:.3f})") for m in matches]
     reasons.sort(key=lambda pair: -ACTIONS.index(pair[0]))  # strongest first, else in policy order
@@ -300,8 +344,14 @@ def _verdict(policy: Policy, scores: list[ConceptScore], matches: list[Blocklist
 
 
 def _concept_reason(concept: Concept, score: ConceptScore) -> str:
-    bar = concept.threshold if score.action == "block" else concept.review
     given = [
         f"{name} {value:.3f}" for name, value in (("image", score.image), ("text", score.text)) if value is not None
     ]
+    if score.matcher is not None:
+        verb, sign = ("confirmed", "≥") if score.action == "block" else ("rejected", "<")
+        return (
+            f"{concept.name}: {score.score:.3f} in the review band [{concept.review:g}, {concept.threshold:g}) "
+            f"({', '.join(given)}), {verb} by the {score.matcher} matcher ({score.match:.3f} {sign} {CONFIRM_AT:g})"
+        )
+    bar = concept.threshold if score.action == "block" else concept.review
     return f"{concept.name}: {score.score:.3f} ≥ {score.action} threshold {bar:g} ({', '.join(given)})"

@@ -196,7 +196,7 @@ def test_models_lists_the_choices_and_fetch_caches_one_for_offline_use(tmp_path)
     env = _env(tmp_path)
     listed = runner.invoke(cli, ["models", "--json"], env=env)
     assert listed.exit_code == 0, listed.output
-    rows = {(row["model"], row["pretrained"]): row for row in json.loads(listed.stdout)}
+    rows = {(row["model"], row["pretrained"]): row for row in json.loads(listed.stdout)["models"]}
     default = rows["ViT-B-32", "laion2b_s34b_b79k"]
     assert default["role"] == "default" and default["imagenet_top1"] == 66.56 and default["dim"] == 512
     assert default["cached"] is False and default["cache_folder"] == str(tmp_path / "hf" / DEFAULT_FOLDER)

@@ -32,7 +32,8 @@ def library(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(library):
     root, _ = library
-    with serving(root / "index", "--token", TOKEN, "--max-upload", "1M", "--fetch-urls") as url:
+    cache = {"HF_HUB_CACHE": str(root / "hf")}  # a hub cache of its own, without BLIP
+    with serving(root / "index", "--token", TOKEN, "--max-upload", "1M", "--fetch-urls", env=cache) as url:
         yield url
 
 
@@ -258,6 +259,21 @@ def test_classify_and_moderate(client, tmp_path):
     assert verdicts[0]["reasons"][0].startswith("red circles: ")
     bad = client.post("/moderate", json={"items": [{"text": "x"}], "policy": {"concepts": {"c": {"threshold": 1}}}})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "policy", "concepts", "c", "prompts"]
+    # everything in the review band, where the demo matcher decides: the red picture blocked, the
+    # blue one allowed, the text (which it cannot read against a picture) still for review
+    confirming = {
+        "concepts": {"red circles": {"prompts": "a red circle", "threshold": 1, "review": -1, "confirm": True}}
+    }
+    verdicts = client.post(
+        "/moderate",
+        json={"items": [{"image": red}, {"text": "red circles for sale"}, {"image": blue}], "policy": confirming},
+    ).json()["results"]
+    assert [verdict["decision"] for verdict in verdicts] == ["block", "review", "allow"]
+    assert [verdict["concepts"][0]["matcher"] for verdict in verdicts] == ["demo", None, "demo"]
+    assert "rejected by the demo matcher" in verdicts[2]["reasons"][0]
+    confirming["concepts"]["red circles"]["confirm"] = "blip"  # not in the server's cache: no request downloads it
+    refused = client.post("/moderate", json={"items": [{"image": red}], "policy": confirming})
+    assert refused.status_code == 400 and "clipseek models fetch blip" in refused.json()["detail"]
     policy["concepts"]["red circles"]["review"] = 0.9  # above the threshold: a rule between fields
     bad = client.post("/moderate", json={"items": [{"text": "x"}], "policy": policy})
     assert bad.status_code == 400 and "must be at most threshold" in bad.json()["detail"]

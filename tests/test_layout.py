@@ -15,8 +15,15 @@ PACKAGES = ("indexer", "search")
 
 # engine → the modules allowed to import it, and why more than one where there are more
 ENGINES = {
-    # the exporter traces the torch model; JPEGs decode on the GPU into torch tensors
-    "torch": {"indexer.models.encoder", "indexer.models.onnx_export", "indexer.models.gpu_jpegs"},
+    # the exporter traces the torch model; JPEGs decode on the GPU into torch tensors; BLIP's
+    # image-text matching re-ranks with transformers' torch model
+    "torch": {
+        "indexer.models.encoder",
+        "indexer.models.onnx_export",
+        "indexer.models.gpu_jpegs",
+        "indexer.models.blip_matcher",
+    },
+    "transformers": {"indexer.models.blip_matcher"},  # BLIP's model, tokenizer and image processor
     "torchvision": {"indexer.models.gpu_jpegs"},  # its nvJPEG decoder
     "open_clip": {"indexer.models.encoder", "indexer.models.onnx_export"},
     "huggingface_hub": {"indexer.models.hub"},  # the hub's cache and downloads, without torch

@@ -126,6 +126,11 @@ def concept(**settings):
         ),
         ({**concept(), "weights": {"text": float("inf")}}, "weights.text must be a number of 0 or more"),
         ({**concept(), "weights": {"audio": 1}}, "weights: unknown key 'audio' \\(expected image, text\\)"),
+        (
+            concept(review=0.5, confirm="albef"),
+            "concepts\\[\"nudity\"\\].confirm must be true or a matcher \\(demo, blip\\), not 'albef'",
+        ),
+        (concept(confirm=True), 'concepts\\["nudity"\\].confirm re-scores the review band: give review too'),
         ({"blocklists": {"bad": {}}}, 'blocklists\\["bad"\\].path is missing'),
         ({"blocklists": {"bad": {"path": 3}}}, 'blocklists\\["bad"\\].path must be a folder or a glob'),
         ({"blocklists": {"bad": {"path": "bad/"}}}, 'blocklists\\["bad"\\].path must be an absolute folder or a glob'),
@@ -164,12 +169,18 @@ def test_unreadable_policy_files_say_where(tmp_path, name, text, message):
 
 
 @pytest.fixture(scope="module")
-def judged(engine):
+def rendered():
     """Every scene of the demo world (colour × shape × position × background) at both sizes,
-    rendered with seed 1, judged by the red-triangle policy: 1,200 (scene, verdict) pairs."""
+    rendered with seed 1: 1,200 scenes and pictures."""
     rng = np.random.default_rng(1)
     scenes = [Scene(*values) for values in itertools.product(*(VALUES[field.name] for field in fields(Scene)))]
-    images = [render(scene, int(rng.choice(LIBRARY_SIDES)), rng) for scene in scenes]
+    return scenes, [render(scene, int(rng.choice(LIBRARY_SIDES)), rng) for scene in scenes]
+
+
+@pytest.fixture(scope="module")
+def judged(engine, rendered):
+    """The rendered scenes judged by the red-triangle policy: 1,200 (scene, verdict) pairs."""
+    scenes, images = rendered
     return list(zip(scenes, engine.moderate_many([(image, None) for image in images], RED_TRIANGLES), strict=True))
 
 
@@ -185,6 +196,41 @@ def test_red_triangles_are_blocked_and_everything_else_is_not(judged):
     # Close calls go to a person: here two small red stars (0.586 and 0.561).
     reviewed = [scene for scene, decision in others if decision == "review"]
     assert len(reviewed) <= 4 and all(scene.colour == "red" and scene.size == "small" for scene in reviewed)
+
+
+def test_a_matcher_confirms_or_rejects_what_falls_in_the_review_band(engine, rendered, judged):
+    """A review band wide enough to hold 50 or so pictures of the 1,200, re-scored by the demo
+    matcher with the concept's prompts: each goes to block or allow, the record says which matcher
+    decided and its probability. The demo matcher reads colour from so short a prompt better than
+    shape: triangles of other colours are rejected, and red shapes of all kinds confirmed."""
+    scenes, images = rendered
+    settings = {**RED_TRIANGLES_SETTINGS, "review": 0.5}
+    band = [n for n, (_, verdict) in enumerate(judged) if 0.5 <= verdict.concepts[0].score < 0.6]
+    confirming = Policy.from_dict({"concepts": {"red triangles": {**settings, "confirm": "demo"}}})
+    assert confirming.concepts[0].confirm == "demo"
+    verdicts = engine.moderate_many([(images[n], None) for n in band], confirming)
+    assert len(band) >= 20 and {verdict.decision for verdict in verdicts} == {"block", "allow"}
+    reason = re.compile(
+        r"red triangles: 0\.\d{3} in the review band \[0\.5, 0\.6\) \(image 0\.\d{3}\), "
+        r"(confirmed|rejected) by the demo matcher \((0\.\d{3}) (≥|<) 0\.5\)"
+    )
+    for n, verdict in zip(band, verdicts, strict=True):
+        score, (said,) = verdict.concepts[0], verdict.reasons
+        verb, probability, _ = reason.fullmatch(said).groups()
+        assert score.matcher == "demo" and f"{score.match:.3f}" == probability
+        assert verb == ("confirmed" if verdict.decision == "block" else "rejected") and score.action == verdict.decision
+        assert (score.match >= 0.5) == (verdict.decision == "block")
+        assert verdict.decision == ("block" if scenes[n].colour == "red" else "allow"), scenes[n]
+    # outside the band nothing changes, and a text alone stays in review: the matcher reads pictures
+    outside = [n for n in range(len(images)) if n not in band][::10]
+    after = engine.moderate_many([(images[n], None) for n in outside], confirming)
+    assert [v.decision for v in after] == [judged[n][1].decision for n in outside]
+    assert all(v.concepts[0].matcher is None for v in after)
+    text_policy = Policy.from_dict(
+        {"concepts": {"red": {"prompts": "a red triangle", "threshold": 1, "review": 0, "confirm": True}}}
+    )
+    alone = engine.moderate(text="red triangles for sale", policy=text_policy)
+    assert alone.decision == "review" and alone.concepts[0].matcher is None
 
 
 def neutral_picture() -> Image.Image:

@@ -125,20 +125,21 @@ def test_a_picture_reranks_captions(library, engine):
     assert np.mean(named) >= 0.75 and np.mean(named) > np.mean(plain), (np.mean(named), np.mean(plain))
 
 
-def test_errors_say_what_to_do(library, engine):
+def test_errors_say_what_to_do(library, engine, tmp_path):
     _, written = library
-    with pytest.raises(QueryError, match=r"unknown matcher 'blip'.*demo"):
-        engine.search(written[0][1], rerank=5, matcher="blip")
+    with pytest.raises(QueryError, match=r"unknown matcher 'albef'.*demo, blip"):
+        engine.search(written[0][1], rerank=5, matcher="albef")
     with pytest.raises(QueryError, match="one text"):
         engine.search(Query.text("a red circle") + Query.text("on grass"), rerank=5)
     with pytest.raises(QueryError, match="a picture query re-ranks captions"):
         engine.search(written[0][1], modality="text", rerank=5)
     with pytest.raises(QueryError, match="at least 1"):
         engine.search(written[0][1], rerank=0)
-    # an index of a real model has no matcher yet: asked for, re-ranking is refused, never silently skipped
-    assert available_matchers("ViT-B-32") == [] and available_matchers("demo") == ["demo"]
-    with pytest.raises(QueryError, match="trained on the demo world only; no matcher for ViT-B-32"):
-        load_matcher("demo", "ViT-B-32")
+    # an index of a real model without BLIP in the cache: re-ranking is refused, never silently skipped
+    cache = tmp_path / "hf"
+    assert available_matchers("ViT-B-32", cache) == [] and available_matchers("demo", cache) == ["demo"]
+    with pytest.raises(QueryError, match="demo world only, not for ViT-B-32: no matcher for ViT-B-32 is on this"):
+        load_matcher("demo", "ViT-B-32", cache_dir=cache)
 
 
 def test_the_matcher_is_checked_against_its_recorded_identity(tmp_path):
@@ -169,8 +170,8 @@ def test_cli_search_with_rerank_shows_both_scores(library):
     assert float(rows[0][1]) > 0.5  # the matcher's own probability that the described picture matches
     refused = runner.invoke(cli, ["search", text, "--matcher", "demo", "--index", str(root / "index")])
     assert refused.exit_code == 2 and "give --rerank too" in refused.output
-    unknown = runner.invoke(cli, ["search", text, "--rerank", "--matcher", "blip", "--index", str(root / "index")])
-    assert unknown.exit_code != 0 and "unknown matcher 'blip'" in unknown.output
+    unknown = runner.invoke(cli, ["search", text, "--rerank", "--matcher", "albef", "--index", str(root / "index")])
+    assert unknown.exit_code != 0 and "unknown matcher 'albef'" in unknown.output
     status = runner.invoke(cli, ["status", "--index", str(root / "index")])
     assert "re-ranks   with the demo matcher (--rerank)" in status.stdout
 
@@ -186,7 +187,7 @@ def test_http_search_and_knn_service_rerank(library):
         assert all(hit["match"] is None for hit in plain["hits"])
         knn = client.post("/knn-service", json={"text": text, "num_images": 3, "rerank": SHORTLIST}).json()
         assert knn[0]["id"] == answer["hits"][0]["id"] and all("match" in row for row in knn)
-        refused = client.post("/search", json={"text": text, "rerank": 5, "matcher": "blip"})
+        refused = client.post("/search", json={"text": text, "rerank": 5, "matcher": "albef"})
         assert refused.status_code == 400 and "unknown matcher" in refused.json()["detail"]
         too_many = client.post("/search", json={"text": text, "rerank": 10_000})
         assert too_many.status_code == 422

@@ -90,6 +90,8 @@ class HubFiles:
     label: str  # the model as a user names it
     fetch_args: str  # what `clipseek models fetch` takes to fetch it
     config: str | None = None
+    before: tuple[str, ...] = ()  # small files fetched before the weights, each where the repository has it
+    checkpoint: bool = True  # whether `--checkpoint FILE` can stand in for these weights
 
     @classmethod
     def of_tag(cls, architecture: str, tag: str, hf_hub: str) -> HubFiles:
@@ -293,6 +295,9 @@ def _fetch(files: HubFiles, cache_dir: str | os.PathLike | None) -> Path:
             if files.config:
                 config = hf_hub_download(files.repo, files.config, cache_dir=cache_dir, endpoint=hub)
                 _fetch_own_tokenizer(files.repo, Path(config), cache_dir, hub)
+            for extra in files.before:
+                with contextlib.suppress(EntryNotFoundError):
+                    hf_hub_download(files.repo, extra, cache_dir=cache_dir, endpoint=hub)
             return Path(hf_hub_download(files.repo, name, cache_dir=cache_dir, endpoint=hub))
     except Exception as error:  # a cut connection, a full disk, a hub error: nothing half-made is kept
         raise ModelError(
@@ -317,12 +322,13 @@ def _fetch_own_tokenizer(repo: str, config: Path, cache_dir: Path, hub: str) -> 
 def _missing(files: HubFiles, cache_dir: str | os.PathLike | None, reason: str) -> ModelError:
     folder = repo_folder(files, cache_dir)
     weights = files.candidates != TEXT_FILES
+    either = weights and files.checkpoint
     return ModelError(
         f"{'the weights of ' if weights else ''}{files.label} are not on this machine, and {reason}. "
-        f"{'Either run' if weights else 'Run'} `clipseek models fetch {files.fetch_args}` on a machine with "
+        f"{'Either run' if either else 'Run'} `clipseek models fetch {files.fetch_args}` on a machine with "
         f"internet access and copy the folder {folder.name} from its model cache (~/.cache/huggingface/hub) "
         f"into {folder.parent} here"
-        + (", or pass --checkpoint FILE with these weights as a local .safetensors file." if weights else ".")
+        + (", or pass --checkpoint FILE with these weights as a local .safetensors file." if either else ".")
     )
 
 

@@ -10,6 +10,11 @@ image-text matching head. It is small enough (under a million parameters) that i
 runs in numpy here, without torch or ONNX Runtime, so a query process re-ranks 30 candidates in
 milliseconds and loads nothing heavy; data/train_matcher.py is its recipe,
 data/matcher_model.py the torch twin it is trained as, and tests/test_rerank.py holds the two to the same outputs.
+
+`blip` is BLIP's image-text matching model for real photos (indexer.models.blip_matcher, torch
+and transformers), its weights in the Hugging Face cache and downloaded once like a CLIP
+model's (indexer.models.hub). It is the default for indexes of real models once it is on this
+machine; before that, asking for it by name is what downloads it.
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ import numpy as np
 from PIL import Image
 
 from indexer.errors import ModelError, QueryError
-from indexer.models.identity import _demo_dir, sha256_file
+from indexer.models import hub
+from indexer.models.identity import DEMO_MODEL, _demo_dir, sha256_file
+from indexer.models.matcher_base import Matcher, pairing
 from indexer.models.pixels import Preprocess
 from indexer.models.tokenizer import ClipTokenizer
 
 __all__ = [
+    "BLIP_FILES",
     "MATCHERS",
+    "DemoMatcher",
     "Matcher",
     "MatcherConfig",
     "available_matchers",
@@ -41,7 +50,26 @@ __all__ = [
     "position_table",
 ]
 
-MATCHERS = ("demo",)  # the matchers clipseek knows by name
+MATCHERS = ("demo", "blip")  # the matchers clipseek knows by name
+# BLIP's image-text matching (ViT-B/16 at 384 px, BERT-base with cross-attention, fine-tuned on
+# COCO): its weights (safetensors where the repository has them, else PyTorch's file, read by
+# torch's weights-only unpickler, which runs no code), after the files that configure it.
+BLIP_FILES = hub.HubFiles(
+    "Salesforce/blip-itm-base-coco",
+    ("model.safetensors", "pytorch_model.bin"),
+    "the blip matcher (Salesforce/blip-itm-base-coco)",
+    "blip",
+    before=(
+        "config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ),
+    checkpoint=False,
+)
+BLIP_SIZE = "895 MB"
 PADDING, UNKNOWN = 0, 1  # mapped ids before the word pieces the matcher knows
 
 
@@ -118,26 +146,66 @@ def matcher_weights() -> Path:
     return _demo_dir() / "matcher.safetensors"
 
 
-def available_matchers(architecture: str) -> list[str]:
-    """The matchers that suit an index made by `architecture`: the demo matcher knows only the demo world."""
-    return ["demo"] if architecture == "demo" and matcher_weights().is_file() else []
+def suits(name: str, architecture: str) -> bool:
+    """Whether the matcher `name` reads the pictures of an index made by `architecture`: the demo
+    matcher knows only the demo world; BLIP reads any picture (on the demo world, knowing
+    nothing of it in particular)."""
+    return architecture == DEMO_MODEL if name == "demo" else True
 
 
-def load_matcher(name: str, architecture: str | None = None) -> Matcher:
+def available_matchers(architecture: str, cache_dir: str | Path | None = None) -> list[str]:
+    """The matchers on this machine that suit an index made by `architecture`, its default first:
+    the demo matcher for the demo model, BLIP for real models once its weights are in the cache."""
+    here = {"demo": matcher_weights().is_file(), "blip": hub.cached(BLIP_FILES, cache_dir) is not None}
+    found = [name for name in MATCHERS if suits(name, architecture) and here[name]]
+    return sorted(found, key=lambda name: name != "demo") if architecture == DEMO_MODEL else found
+
+
+def none_available(architecture: str) -> str:
+    """What to do when no matcher for `architecture` is on this machine."""
+    if architecture == DEMO_MODEL:
+        return "the demo matcher's weights are missing: reinstall clipseek"
+    return (
+        f"no matcher for {architecture} is on this machine: --matcher blip downloads BLIP's image-text "
+        f"matching model ({BLIP_SIZE}) once, or `clipseek models fetch blip` fetches it for later"
+    )
+
+
+def load_matcher(
+    name: str,
+    architecture: str | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    offline: bool | None = None,
+    fetch: bool = True,
+) -> Matcher:
     """The matcher called `name`, checked against its recorded identity (the sha256 of its weights)
-    and, given the index's `architecture`, against the pictures it suits."""
+    and, given the index's `architecture`, against the pictures it suits. BLIP's weights come from
+    the hub's cache, downloaded now unless offline (ModelError at once, with what to do) or told
+    not to `fetch` (QueryError: the caller asked for what this process does not download)."""
     if name not in MATCHERS:
         raise QueryError(f"unknown matcher {name!r}: clipseek knows {', '.join(MATCHERS)}")
-    if architecture is not None and name not in available_matchers(architecture):
+    if architecture is not None and not suits(name, architecture):
+        available = available_matchers(architecture, cache_dir)
+        advice = f"use --matcher {available[0]}" if available else none_available(architecture)
+        raise QueryError(f"the {name} matcher was trained on the demo world only, not for {architecture}: {advice}")
+    if name == "demo":
+        return open_matcher(str(matcher_config()), str(matcher_weights()))
+    if importlib.util.find_spec("transformers") is None:
+        raise ModelError("the blip matcher runs with the transformers package: pip install 'clipseek[hf]'")
+    if not fetch and hub.cached(BLIP_FILES, cache_dir) is None:
         raise QueryError(
-            f"the {name} matcher was trained on the demo world only; no matcher for {architecture} "
-            "is available yet, so its indexes are searched without re-ranking"
+            f"the blip matcher is not on this machine, and it is not downloaded on request: run "
+            f"`clipseek models fetch blip` ({BLIP_SIZE}) where this runs"
         )
-    return open_matcher(str(matcher_config()), str(matcher_weights()))
+    weights = hub.weights_file(BLIP_FILES, cache_dir, offline)
+    from indexer.models.blip_matcher import open_blip  # torch and transformers: loaded when BLIP re-ranks
+
+    return open_blip(str(weights))
 
 
 @lru_cache(maxsize=4)
-def open_matcher(config_path: str, weights_path: str) -> Matcher:
+def open_matcher(config_path: str, weights_path: str) -> DemoMatcher:
     """A matcher from its config and weights files (loaded once per process)."""
     from safetensors.numpy import load_file
 
@@ -152,7 +220,7 @@ def open_matcher(config_path: str, weights_path: str) -> Matcher:
             f"(sha256 {found[:12]}, expected {expected[:12]}): reinstall clipseek"
         )
     weights = {name: array.astype(np.float32) for name, array in load_file(weights_path).items()}
-    return Matcher(config, weights, found)
+    return DemoMatcher(config, weights, found)
 
 
 def position_table(grid: int, width: int) -> np.ndarray:
@@ -179,39 +247,24 @@ def _gelu(x: np.ndarray) -> np.ndarray:  # the tanh form, as trained
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
-class Matcher:
-    """A loaded matcher: `match(images, texts)` → the probability of each pair being a match."""
+class DemoMatcher(Matcher):
+    """The bundled demo matcher, run in numpy."""
 
     def __init__(self, config: MatcherConfig, weights: dict[str, np.ndarray], sha256: str):
         self.config, self.weights, self.sha256 = config, weights, sha256
-        self.name = config.name
+        self.name, self.image_side, self.dual_weight = config.name, config.image_size, config.dual_weight
         self.preprocess = preprocess_for(config)
         self.tokenize = demo_tokenizer(config)
 
-    def __str__(self) -> str:
-        return f"{self.name} (sha256:{self.sha256[:12]}, cross-attention, {self.config.image_size} px)"
-
-    def match(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
-        """Probabilities for the pairs (images[i], texts[i]); a list of one is paired with every
-        item of the other (one query text against candidate pictures, or one picture against captions)."""
-        return 1 / (1 + np.exp(-self.match_logits(images, texts)))
+    def describe(self) -> str:
+        return f"cross-attention, {self.config.image_size} px"
 
     def match_logits(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
-        """`match`'s logits."""
-        count = max(len(images), len(texts))
-        if min(len(images), len(texts)) == 0 or {len(images), len(texts)} - {1, count}:
-            raise ValueError(f"cannot pair {len(images)} pictures with {len(texts)} texts")
+        count, rows, repeat = pairing(images, texts)
         patches = self.encode_images(images)
         tokens = self.tokenize(texts)
-        rows = np.arange(count) if len(images) == count else np.zeros(count, np.int64)
-        tokens = tokens if len(texts) == count else np.repeat(tokens, count, axis=0)
+        tokens = np.repeat(tokens, count, axis=0) if repeat else tokens
         return self.logits(patches, tokens, rows)
-
-    def rerank_logits(self, logits: np.ndarray, cosines: np.ndarray, logit_scale: float) -> np.ndarray:
-        """The logits a short list is ordered by: the matcher's, plus `dual_weight` of the dual
-        encoder's evidence measured from the best candidate's cosine (so the dual encoder's first
-        keeps the matcher's own logit, and the others lose what the dual encoder holds against them)."""
-        return logits + self.config.dual_weight * logit_scale * (cosines - cosines.max())
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         w, c, p = self.weights, self.config, self.config.patch_size

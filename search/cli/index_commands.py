@@ -293,7 +293,7 @@ def status(index, list_failures, as_json):
     """What the index holds: items per modality and collection, failures, model, sizes."""
     from indexer.config import index_location
     from indexer.models import backend
-    from indexer.models.matcher import available_matchers
+    from indexer.models.matcher import available_matchers, none_available
     from indexer.store import Store
 
     with Store.open(index_location(index)) as store:
@@ -313,7 +313,11 @@ def status(index, list_failures, as_json):
     if state.embedded_on:
         rows.append(("embedded", f"the latest pictures on {state.embedded_on}"))
     rows.append(("search", state.index_type))
-    rows.append(("re-ranks", f"with the {suited[0]} matcher (--rerank)" if suited else "no matcher for this model"))
+    if suited:
+        others = f"; also --matcher {', '.join(suited[1:])}" if suited[1:] else ""
+        rows.append(("re-ranks", f"with the {suited[0]} matcher (--rerank){others}"))
+    else:
+        rows.append(("re-ranks", none_available(state.model.architecture) if state.model else "nothing indexed yet"))
     for number, (modality, collection, count) in enumerate(state.counts):
         label = f"{count} {modality}s" + (f" in collection '{collection}'" if collection else "")
         rows.append(("items" if number == 0 else "", label))

@@ -14,10 +14,7 @@ NOTE = (
     "A new index takes one with: clipseek index DIR --index NAME --model MODEL --pretrained TAG\n"
     "Download one for later, or to copy to a machine without internet access: clipseek models fetch MODEL"
 )
-MATCHERS_NOTE = (
-    "Matchers (clipseek search --rerank [N] --matcher NAME): demo, bundled, for indexes of the demo model; "
-    "none yet for real photos."
-)
+MATCHERS_NOTE = "Matchers (clipseek search --rerank [N] --matcher NAME), chosen at query time:"
 
 
 @click.group(invoke_without_command=True)
@@ -44,8 +41,9 @@ def models(ctx: click.Context, bench: tuple[str, ...], as_json: bool) -> None:
         _bench(bench, as_json)
         return
     rows = [_row(choice) for choice in _choices()]
+    matchers = _matchers()
     if as_json:
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        click.echo(json.dumps({"models": rows, "matchers": matchers}, indent=2, ensure_ascii=False))
         return
     header = ("model", "tag", "for", "languages", "dim", "weights", "ImageNet", "cached", "ONNX path")
     table = [header] + [
@@ -71,7 +69,11 @@ def models(ctx: click.Context, bench: tuple[str, ...], as_json: bool) -> None:
         for row in refused:
             click.echo(f"  {row['model']} / {row['pretrained']}: {row['runtime'].removeprefix('torch: ')}")
     click.echo("\n" + NOTE)
-    click.echo(MATCHERS_NOTE)
+    click.echo("\n" + MATCHERS_NOTE)
+    for row in matchers:
+        cached = "cached" if row["cached"] else f"not cached (clipseek models fetch {row['name']})"
+        cached = "bundled" if row["repo"] is None else cached
+        click.echo(f"  {row['name']:<5} {row['what']}, for {row['for']} indexes; {row['weights']}, {cached}")
 
 
 def _bench(names: tuple[str, ...], as_json: bool) -> None:
@@ -109,6 +111,32 @@ def _choices():
     return CHOICES
 
 
+def _matchers() -> list[dict]:
+    from indexer.models import hub
+    from indexer.models.matcher import BLIP_FILES, BLIP_SIZE, matcher_weights
+
+    return [
+        {
+            "name": "demo",
+            "what": "a small cross-attention model of the demo world",
+            "for": "demo",
+            "repo": None,
+            "weights": f"{matcher_weights().stat().st_size / 1e6:.1f} MB" if matcher_weights().is_file() else "missing",
+            "cached": matcher_weights().is_file(),
+            "cache_folder": None,
+        },
+        {
+            "name": "blip",
+            "what": f"BLIP's image-text matching ({BLIP_FILES.repo}), torch",
+            "for": "real models'",
+            "repo": BLIP_FILES.repo,
+            "weights": BLIP_SIZE,
+            "cached": hub.cached(BLIP_FILES) is not None,
+            "cache_folder": str(hub.repo_folder(BLIP_FILES)),
+        },
+    ]
+
+
 def _row(choice) -> dict:
     from indexer.models import backend, hub
     from indexer.models.identity import ModelId
@@ -141,12 +169,18 @@ def fetch(name: str, pretrained: str | None, as_json: bool) -> None:
     """Download a model's weights into the cache, for offline use later.
 
     NAME is a listed model (its listed tag unless --pretrained says), any open_clip architecture
-    with --pretrained, or hf-hub:ORG/REPO. The folder printed is what to copy to another machine.
+    with --pretrained, hf-hub:ORG/REPO, or blip (the matcher that re-ranks real photos). The folder
+    printed is what to copy to another machine.
     """
     from indexer.errors import ModelError
     from indexer.models import hub
     from indexer.models.choices import choice_of
+    from indexer.models.matcher import BLIP_FILES
 
+    if name == BLIP_FILES.fetch_args:  # the blip matcher: its weights and the files beside them
+        label, path = BLIP_FILES.label, hub.weights_file(BLIP_FILES)
+        _fetched(label, path, as_json)
+        return
     if pretrained is None and not name.startswith(hub.HF_HUB_PREFIX):
         choice = choice_of(name)
         if choice is None:
@@ -161,6 +195,10 @@ def fetch(name: str, pretrained: str | None, as_json: bool) -> None:
         from indexer.models.encoder import fetch_weights
 
         label, path = f"{name} / {pretrained}", fetch_weights(name, pretrained)
+    _fetched(label, path, as_json)
+
+
+def _fetched(label: str, path, as_json: bool) -> None:
     # What to copy: the repository's folder in the hub's cache (a plain file for URL tags).
     folder = next((parent for parent in path.parents if parent.name.startswith("models--")), path)
     if as_json:

@@ -101,7 +101,12 @@ def _cap(k: int) -> int:
     metavar="[N]",
     help=f"Re-score the first N candidates (default {DEFAULT_RERANK}) with a matcher that reads the query with each.",
 )
-@click.option("--matcher", metavar="NAME", help="The matcher for --rerank (default: the one for the index's model).")
+@click.option(
+    "--matcher",
+    metavar="NAME",
+    help="The matcher for --rerank: demo (demo indexes) or blip (real photos; downloaded once) "
+    "[the one on this machine for the index's model].",
+)
 @output_options
 @index_option
 @weights_option

@@ -126,7 +126,8 @@ def serve(
         public_url=public_url,
         **{name: value for name, value in (("workers", workers), ("queue", queue)) if value is not None},
     )
-    engine = SearchEngine.open(index, checkpoint, max_pixels=max_pixels, device=device)
+    # a matcher is fetched beforehand (clipseek models fetch), never by a request
+    engine = SearchEngine.open(index, checkpoint, max_pixels=max_pixels, device=device, fetch_matchers=False)
     click.echo(f"loading the model of {engine.store.root} …", err=True)
     engine.encoder  # noqa: B018 — loaded now, so the first query does not wait for it
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning", timeout_keep_alive=30)

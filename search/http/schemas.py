@@ -215,6 +215,9 @@ class PolicyConcept(_Strict):
     threshold: Score
     review: Score | None = None
     weights: PolicyWeights | None = None
+    confirm: bool | Name | None = Field(
+        None, description="Re-score the review band with a matcher: true (the index's) or a matcher's name."
+    )
 
 
 class PolicyBlocklist(_Strict):

@@ -4,9 +4,10 @@ re-scoring its first 10 and 30 candidates. p50 of 20 queries each; the ratio is 
 query without re-ranking, measured in the same run. Most of a re-ranked query's time is reading
 and resizing the candidates' picture files, which the matcher reads whole.
 
-For real photos, the matcher to come is BLIP's image-text matching (transformers'
-BlipForImageTextRetrieval, ViT-B/16 at 384 px and a BERT-base text tower with cross-attention):
-its architecture at random initialisation (timing does not depend on the weights), torch float32,
+For real photos, the matcher is BLIP's image-text matching (indexer.models.blip_matcher:
+transformers' BlipForImageTextRetrieval, ViT-B/16 at 384 px and a BERT-base text tower with
+cross-attention): its architecture at random initialisation (timing does not depend on the
+weights), torch float32,
 one picture against 30 captions (the vision tower once, the text tower with cross-attention on
 each caption) and one text against 30 pictures (the vision tower on each).
 """
