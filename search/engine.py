@@ -32,7 +32,6 @@ from indexer.config import index_location
 from indexer.errors import BadFileError, ItemNotFoundError, PixelBudgetError, QueryError
 from indexer.models.devices import CPU, Placement, place
 from indexer.models.scores import MATCH, ScoreScale
-from indexer.sources.pictures import decode_image, to_rgb
 from indexer.store import MODALITIES, Filters, Store
 from search.query import Hit, Query
 from search.recent import Recent
@@ -176,6 +175,8 @@ class SearchEngine:
 
     def _query_image(self, value: Any, side: int | None = None) -> Image.Image:
         from PIL import Image
+
+        from indexer.sources.pictures import decode_image, to_rgb  # Pillow's decoders: for a picture query only
 
         if isinstance(value, Image.Image):
             return to_rgb(value)

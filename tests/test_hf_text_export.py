@@ -4,10 +4,12 @@ language code, queries trimmed to their real tokens because that is exact for th
 classes at random weights, tokenizers built locally (tests/hf_text_towers.py); the base models'
 text towers at their published widths are in the slow tests."""
 
+import json
 import shutil
 
 import numpy as np
 import pytest
+from onnx import load_model
 
 from indexer.models.encoder import Encoder, load_encoder
 from indexer.models.onnx_encoder import ExportBrokenError, OnnxEncoder
@@ -68,15 +70,43 @@ def test_padding_on_the_left_is_not_trimmed(exported):
         hf.padding_side = "right"
 
 
+def _flip_a_byte(path) -> None:
+    weights = bytearray(path.read_bytes())
+    weights[len(weights) // 2] ^= 0xFF
+    path.write_bytes(bytes(weights))
+
+
 def test_a_damaged_text_tower_is_an_error_not_a_wrong_vector(exported, tmp_path):
     _, onnx = exported
     copy = shutil.copytree(onnx.folder, tmp_path / "export")
-    data = copy / "text.onnx.data"
-    weights = bytearray(data.read_bytes())
-    weights[len(weights) // 2] ^= 0xFF
-    data.write_bytes(bytes(weights))
+    _flip_a_byte(copy / "text.onnx.data")
     with pytest.raises(ExportBrokenError, match=r"text\.onnx\.data .* is damaged \(checksum\)"):
         OnnxEncoder(copy, onnx.model_id, int8="none").embed_texts(["猫"])
+
+
+def _nodes(graph) -> int:
+    return len(load_model(graph, load_external_data=False).graph.node)
+
+
+def test_queries_take_the_int8_text_tower_as_optimised_at_export(exported, tmp_path):
+    """On the CPU a query's int8 text tower is the graph ONNX Runtime's optimisations made of it
+    at export (fewer nodes: fused), loaded with them off: the plain int8 tower's vectors (CUDA's
+    provider loads that one), its weights checked like every tower's."""
+    _, onnx = exported
+    optimized = onnx.manifest["text_int8"]["optimized"]
+    assert set(optimized["files"]) == {"text.int8.opt.onnx", "text.int8.opt.onnx.data"}
+    assert _nodes(onnx.folder / "text.int8.opt.onnx") < _nodes(onnx.folder / "text.int8.onnx")
+    plain = shutil.copytree(onnx.folder, tmp_path / "plain")
+    manifest = json.loads((plain / "manifest.json").read_text())
+    del manifest["text_int8"]["optimized"]
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    texts = QUERIES + TEXTS
+    queried = OnnxEncoder(onnx.folder, onnx.model_id, int8="all").embed_texts(texts)
+    np.testing.assert_allclose(queried, OnnxEncoder(plain, onnx.model_id, int8="all").embed_texts(texts), atol=1e-6)
+    damaged = shutil.copytree(onnx.folder, tmp_path / "damaged")
+    _flip_a_byte(damaged / "text.int8.opt.onnx.data")
+    with pytest.raises(ExportBrokenError, match=r"text\.int8\.opt\.onnx\.data .* is damaged \(checksum\)"):
+        OnnxEncoder(damaged, onnx.model_id, int8="all").embed_texts(["猫"])
 
 
 @pytest.mark.slow

@@ -282,3 +282,26 @@ def test_a_bulk_load_leaves_the_vector_files_to_fit_and_nothing_stale_is_served(
     with Store.open(root) as store:
         assert store.vectors("image").count == len(ids) + len(extra)
         assert set(store.nearest("image", planted[1], 10)[0]) == set(ids[10:20])
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_reader_searches_its_file_in_place_while_a_writer_replaces_it(index, planted, kind):
+    """A reader maps the vectors of its file instead of copying them (a cold query's time), and
+    keeps serving from them while a writer adds an item and renames a new file into place; the
+    reader's next query after that commit finds the new item."""
+    root, ids = index
+    with Store.open(root, write=True) as store:
+        store.optimize(kind, progress=lambda *_: None)
+    with Store.open(root) as reader:
+        assert reader.vectors("image").mapped
+        expected = list(ids[:10])
+        assert set(reader.nearest("image", planted[0], 10)[0]) == set(expected)
+        new = unit(planted[0][None] + 0.001)
+        with Store.open(root, write=True) as writer:
+            assert not writer.vectors("image").mapped
+            with writer.write() as batch:
+                (added,) = batch.add_images([NewImage(b"/photos/new.jpg", 1, 1, "f" * 64, 1, 1, "", new[0])])
+            writer.flush()
+        assert set(reader.nearest("image", planted[0], 10)[0]) == set(expected)  # what it mapped, still whole
+        reader.refresh()
+        assert added in reader.nearest("image", planted[0], 10)[0]

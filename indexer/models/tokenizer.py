@@ -22,7 +22,6 @@ from pathlib import Path
 
 import ftfy
 import numpy as np
-import regex
 
 __all__ = ["CLEANERS", "MERGES", "ClipTokenizer", "read_merges"]
 
@@ -84,6 +83,8 @@ class ClipTokenizer:
         self.context_length = context_length
         self.clean = CLEANERS[clean]
         self._cache = {token: token for token in special_tokens}
+        import regex  # for CLIP's pattern only: a Hugging Face tokenizer's query never loads it
+
         self._words = regex.compile(
             "|".join(map(regex.escape, special_tokens))
             + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",

@@ -320,7 +320,7 @@ class Store:
     def _load(self, modality: str, generation: int | None = None) -> tuple[VectorIndex | None, str]:
         changed = self.catalog.vectors_changed(modality)
         generation = self.catalog.generation() if generation is None else generation
-        return VectorIndex.load(self._vector_path(modality), changed, max(generation, changed))
+        return VectorIndex.load(self._vector_path(modality), changed, max(generation, changed), not self.writable)
 
     def _rebuild(self, modality: str, progress: Progress) -> VectorIndex:
         """A modality's vector index from the catalog, of the kind last chosen for it (flat when

@@ -29,7 +29,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
@@ -209,7 +208,10 @@ def check_exists(engine: Engine, name: str) -> None:
 
 def upsert(engine: Engine, table: Table, key: str) -> object:
     """INSERT into `table` that replaces the row with the same `key` (its primary key)."""
-    dialect_insert = postgresql_insert if is_postgresql(engine) else sqlite_insert
+    if is_postgresql(engine):
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert  # 0.03 s to import: PostgreSQL's only
+    else:
+        dialect_insert = sqlite_insert
     statement = dialect_insert(table)
     updated = {column.name: statement.excluded[column.name] for column in table.columns if column.name != key}
     return statement.on_conflict_do_update(index_elements=[key], set_=updated)
@@ -222,6 +224,8 @@ def insert_new(table: Table, modality: str) -> object:
     # The partial index's predicate as a literal: PostgreSQL matches the arbiter index by its
     # text, and a bound parameter fails to once psycopg prepares the statement (its sixth run).
     where = text({"image": "modality = 'image'", "text": "modality = 'text'"}[modality])
+    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
     return (
         postgresql_insert(table)
         .on_conflict_do_nothing(index_elements=list(keys), index_where=where)

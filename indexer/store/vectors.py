@@ -104,9 +104,10 @@ class Stamp:
 class VectorIndex:
     """Inner-product search over L2-normalised vectors (cosine similarity), keyed by item id."""
 
-    def __init__(self, index: faiss.Index, spec: IndexSpec):
+    def __init__(self, index: faiss.Index, spec: IndexSpec, mapped: bool = False):
         self.index = index
         self.spec = spec
+        self.mapped = mapped  # its vectors are the file's pages (see load): searched, never changed
 
     @classmethod
     def build(
@@ -146,7 +147,7 @@ class VectorIndex:
 
     def with_settings(self, **settings) -> VectorIndex:
         """The same index searched with other nprobe / efSearch (tuning and benchmarks)."""
-        return VectorIndex(self.index, replace(self.spec, **settings))
+        return VectorIndex(self.index, replace(self.spec, **settings), self.mapped)
 
     @property
     def count(self) -> int:
@@ -165,12 +166,18 @@ class VectorIndex:
             ]
         )
 
+    def _changing(self) -> None:
+        if self.mapped:  # FAISS would abort the process
+            raise ValueError("a vector index mapped from its file is read-only")
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._changing()
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
 
     def remove(self, ids: list[int]) -> None:
         if not ids:
             return
+        self._changing()
         if self.spec.kind != "hnsw":
             self.index.remove_ids(np.asarray(ids, dtype=np.int64))
             return
@@ -218,19 +225,25 @@ class VectorIndex:
         fsync(path.parent)
 
     @classmethod
-    def load(cls, path: Path, changed: int, generation: int) -> tuple[VectorIndex | None, str]:
-        """The index in `path` if it is fresh and intact (see verify); else None and why not."""
+    def load(cls, path: Path, changed: int, generation: int, mapped: bool = False) -> tuple[VectorIndex | None, str]:
+        """The index in `path` if it is fresh and intact (see verify); else None and why not.
+
+        `mapped` (for a reader): the vectors of a flat or HNSW index stay in the file's pages,
+        mapped read-only, instead of being copied into memory (100,000 vectors of 512-d: 0.15 s
+        of a cold query's CPU), and the index cannot change. Writers replace vector files by
+        renaming new ones into place, never in place, so what a reader mapped stays the file it
+        verified."""
         stamp, problem = verify(path, changed, generation)
         if stamp is None:
             return None, problem
         try:
-            index = faiss.read_index(str(path))
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
             spec = IndexSpec.from_dict(stamp.spec)
         except (RuntimeError, TypeError) as error:
             return None, f"unreadable ({str(error).splitlines()[0]})"
         if index.ntotal != stamp.count:
             return None, f"holds {index.ntotal} vectors, stamped {stamp.count}"
-        return cls(index, spec), ""
+        return cls(index, spec, mapped), ""
 
 
 def exact_search_ms(count: int, dim: int, repeats: int = 7) -> float:
