@@ -57,7 +57,7 @@ def _print_hits(hits, as_json, paths_only, header):
     else:
         reranked = any(hit.match is not None for hit in hits)
         if reranked:
-            click.echo("cosine   match  (ordered by the matcher's probability of a match)")
+            click.echo("cosine   match  (ordered by match and cosine together)")
         for hit in hits:
             where = hit.path if hit.modality == "image" else f"[{hit.collection}] {hit.caption}"
             match = "" if not reranked else "     -  " if hit.match is None else f"{hit.match:6.3f}  "
