@@ -15,15 +15,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from indexer.demo_world import write_library
 from indexer.errors import ModelError, QueryError
 from indexer.models import hub
 from indexer.models.matcher import BLIP_FILES, available_matchers, load_matcher
-from indexer.pipeline import Indexer
 from search.cli.main import cli
 from search.engine import Query, SearchEngine
 from search.matching import reading_side
 from tests.hf_tokenizer_files import bert
+from tests.http_server import demo_index
 from tests.hub_server import serving_hub
 
 torch = pytest.importorskip("torch")
@@ -59,11 +58,9 @@ def blip_repo(tmp_path_factory) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     root = tmp_path_factory.mktemp("blip-index")
-    pictures = write_library(root / "library", count=12, seed=9)
-    with Indexer.open(root / "index", model="demo") as indexer:
-        indexer.index([root / "library"])
-        indexer.add_captions(root / "library" / "captions.jsonl", "captions")
-    return root / "index", [(root / "library" / picture.path, picture.caption) for picture in pictures]
+    demo_index(root, count=12, seed=9)
+    rows = map(json.loads, (root / "library" / "captions.jsonl").read_text(encoding="utf-8").splitlines())
+    return root / "index", [(root / "library" / row["image"], row["caption"]) for row in rows]
 
 
 @pytest.fixture

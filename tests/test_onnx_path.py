@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.demo_world import write_library
 from indexer.errors import ClipseekWarning
 from indexer.models import backend
 from indexer.models.onnx_encoder import INT8_COSINE, INT8_PROBE_TEXTS, ExportBrokenError, OnnxEncoder
-from indexer.pipeline import Indexer
 from indexer.sources.pictures import decode_image
 from search.engine import Query, SearchEngine
+from tests.http_server import demo_index
 
 CLIPSEEK = str(Path(sys.executable).parent / "clipseek")
 QUERIES = ["a red circle", "a small blue star on the left", "a large green cross over water", "a yellow square"]
@@ -26,11 +25,7 @@ QUERIES = ["a red circle", "a small blue star on the left", "a large green cross
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
-    pictures = write_library(root / "library", count=60, seed=41)
-    with Indexer.open(root / "index", model="demo") as indexer:
-        indexer.index([root / "library"])
-        indexer.add_captions(root / "library" / "captions.jsonl", "demo")
-    return root, [root / "library" / picture.path for picture in pictures]
+    return root, [Path(path) for path in demo_index(root, count=60, seed=41)]
 
 
 def engines(index, monkeypatch):
