@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from indexer.errors import BadFileError, QueryError
+from indexer.models.matcher_base import probability
 from search.query import Query
 
 if TYPE_CHECKING:
@@ -70,15 +71,15 @@ def rerank(
     probability near 0 for every candidate but the dual encoder's first."""
     head = [(i, s) for i, s in found[:count] if i in rows]
     if isinstance(query, str):
-        pictures = {i: _stored_picture(rows[i], reading_side(matcher)) for i, _ in head}
+        side = reading_side(matcher)
+        pictures = {i: _stored_picture(rows[i], side) for i, _ in head}
         readable = [(i, s) for i, s in head if pictures[i] is not None]
         logits = matcher.match_logits([pictures[i] for i, _ in readable], [query]) if readable else np.zeros(0)
     else:
         readable = head
         logits = matcher.match_logits([query], [rows[i].caption for i, _ in readable]) if readable else np.zeros(0)
     order = matcher.rerank_logits(logits, np.array([s for _, s in readable]), logit_scale) if len(logits) else logits
-    probabilities = 1 / (1 + np.exp(-logits))
-    ranked = sorted(zip(order, readable, probabilities, strict=True), key=lambda row: -row[0])
+    ranked = sorted(zip(order, readable, probability(logits), strict=True), key=lambda row: -row[0])
     scored = [(i, s, float(p)) for _, (i, s), p in ranked]
     done = {i for i, _, _ in scored}
     return scored + [(i, s, None) for i, s in found if i not in done]

@@ -50,7 +50,7 @@ __all__ = [
     "position_table",
 ]
 
-MATCHERS = ("demo", "blip")  # the matchers clipseek knows by name
+MATCHERS = ("demo", "blip")  # the matchers clipseek knows by name, the demo world's default first
 # BLIP's image-text matching (ViT-B/16 at 384 px, BERT-base with cross-attention, fine-tuned on
 # COCO): its weights (safetensors where the repository has them, else PyTorch's file, read by
 # torch's weights-only unpickler, which runs no code), after the files that configure it.
@@ -154,11 +154,11 @@ def suits(name: str, architecture: str) -> bool:
 
 
 def available_matchers(architecture: str, cache_dir: str | Path | None = None) -> list[str]:
-    """The matchers on this machine that suit an index made by `architecture`, its default first:
-    the demo matcher for the demo model, BLIP for real models once its weights are in the cache."""
+    """The matchers on this machine that suit an index made by `architecture`, its default first
+    (MATCHERS' order): the demo matcher for the demo model, BLIP for real models once its weights
+    are in the cache."""
     here = {"demo": matcher_weights().is_file(), "blip": hub.cached(BLIP_FILES, cache_dir) is not None}
-    found = [name for name in MATCHERS if suits(name, architecture) and here[name]]
-    return sorted(found, key=lambda name: name != "demo") if architecture == DEMO_MODEL else found
+    return [name for name in MATCHERS if suits(name, architecture) and here[name]]
 
 
 def none_available(architecture: str) -> str:

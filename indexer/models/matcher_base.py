@@ -12,7 +12,7 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["Matcher", "pairing"]
+__all__ = ["Matcher", "pairing", "probability"]
 
 
 class Matcher:
@@ -40,7 +40,7 @@ class Matcher:
 
     def match(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
         """`match_logits` as probabilities."""
-        return 1 / (1 + np.exp(-self.match_logits(images, texts)))
+        return probability(self.match_logits(images, texts))
 
     def rerank_logits(self, logits: np.ndarray, cosines: np.ndarray, logit_scale: float) -> np.ndarray:
         """The logits a short list is ordered by: the matcher's, plus `dual_weight` of the dual
@@ -57,3 +57,8 @@ def pairing(images: list, texts: list) -> tuple[int, np.ndarray, bool]:
         raise ValueError(f"cannot pair {len(images)} pictures with {len(texts)} texts")
     rows = np.arange(count) if len(images) == count else np.zeros(count, np.int64)
     return count, rows, len(texts) != count
+
+
+def probability(logits: np.ndarray) -> np.ndarray:
+    """A matcher's logits of a match as probabilities (the logistic function)."""
+    return 1 / (1 + np.exp(-logits))
