@@ -87,8 +87,10 @@ class Indexer:
         A new index loads the model asked for (default ViT-B-32 / laion2b_s34b_b79k), downloading
         its weights once where they are missing unless `offline` (None: CLIPSEEK_OFFLINE or
         HF_HUB_OFFLINE say), and remembers it; when that fails, the index folder this call made
-        is removed again. An existing index reloads its own model when it first needs it; asking
-        for another model is a ModelMismatchError.
+        is removed again. Where the model cache holds the model's export, its identity is read
+        from there instead, without torch. An existing index reloads its own model when it first
+        needs it, as does a new one of an exported model; asking for another model is a
+        ModelMismatchError.
         """
         placement = devices.place(device)  # a device that is not there fails before anything is made
         root = index_dir(index)
@@ -98,17 +100,23 @@ class Indexer:
             stored = store.model_id
             if stored is None:
                 hub.prepare(model, pretrained, checkpoint, offline=offline)  # fails fast, before torch
-                from indexer.models.encoder import load_encoder  # torch: only where a model is needed
+                known = backend.exported_model(model, pretrained, checkpoint)
+                if known is None:
+                    from indexer.models.encoder import load_encoder  # torch: only where a model is needed
 
-                encoder = load_encoder(model or DEFAULT_MODEL, pretrained, checkpoint, device="cpu", offline=offline)
-                store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
-                # The ONNX export is made now (traced on the CPU), before the model moves to its device.
-                embedder = backend.load(encoder.model_id, lambda: encoder, placement=placement)
-                return cls(store, lambda: embedder, settings, device, placement)
-            for asked, has in ((model, stored.architecture), (pretrained, stored.pretrained)):
-                if asked is not None and asked != has:
-                    raise store.mismatch(asked)
-            store.check_checkpoint(checkpoint)
+                    encoder = load_encoder(
+                        model or DEFAULT_MODEL, pretrained, checkpoint, device="cpu", offline=offline
+                    )
+                    store.claim_model(encoder.model_id, os.fspath(checkpoint) if checkpoint else None)
+                    # The ONNX export is made now (traced on the CPU), before the model moves to its device.
+                    embedder = backend.load(encoder.model_id, lambda: encoder, placement=placement)
+                    return cls(store, lambda: embedder, settings, device, placement)
+                store.claim_model(known, os.fspath(checkpoint) if checkpoint else None)
+            else:
+                for asked, has in ((model, stored.architecture), (pretrained, stored.pretrained)):
+                    if asked is not None and asked != has:
+                        raise store.mismatch(asked)
+                store.check_checkpoint(checkpoint)
         except BaseException:
             store.close()
             if made:  # nothing but this failed run is in it: no index without a model is left behind

@@ -2,6 +2,7 @@
 and a damaged or foreign export made again rather than trusted."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -110,25 +111,39 @@ def run_cli(*args, env=None):
     return subprocess.run([CLIPSEEK, *map(str, args)], capture_output=True, text=True, env=env)
 
 
+# A command run in a fresh process, which then says which of torch's modules it imported.
+WITH_IMPORTS = (
+    "import sys; from search.cli.main import cli\n"
+    "try: cli(sys.argv[1:])\n"
+    "except SystemExit: pass\n"
+    "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules), file=sys.stderr)"
+)
+
+
+def run_with_imports(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITH_IMPORTS, *map(str, args)], capture_output=True, text=True)
+
+
 def test_a_cli_query_never_imports_torch_and_status_says_which_path(indexed):
     root, pictures = indexed
-    code = (
-        "import sys; from search.cli.main import cli\n"
-        "try: cli(sys.argv[1:])\n"
-        "except SystemExit: pass\n"
-        "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules), file=sys.stderr)"
-    )
     for args in (["a red circle"], ["--image", pictures[0]], ["--image", pictures[0], "--texts"]):
-        result = subprocess.run(
-            [sys.executable, "-c", code, "search", *map(str, args), "--index", root / "index", "-k", "3"],
-            capture_output=True,
-            text=True,
-        )
+        result = run_with_imports("search", *args, "--index", root / "index", "-k", "3")
         assert len(result.stdout.splitlines()) == 3 and result.stderr.strip().endswith("[]"), result.stderr
     status = run_cli("status", "--index", root / "index", "--json")
     assert json.loads(status.stdout)["runtime"].startswith("ONNX Runtime (")
     forced = run_cli("status", "--index", root / "index", env={**_env(), "CLIPSEEK_BACKEND": "torch"})
     assert "embeds     torch (CLIPSEEK_BACKEND=torch)" in forced.stdout
+
+
+def test_a_new_index_of_an_exported_model_never_imports_torch(indexed, tmp_path):
+    root, _ = indexed
+    result = run_with_imports("index", root / "library", "--model", "demo", "--index", tmp_path / "new")
+    assert result.stderr.strip().endswith("[]"), result.stderr
+    assert "60 embedded on cpu (ONNX Runtime)" in result.stderr
+    with SearchEngine.open(root / "index") as old, SearchEngine.open(tmp_path / "new") as new:
+        assert new.store.model_id == old.store.model_id
+        for query in QUERIES:
+            assert [h.path for h in new.search(query, k=10)] == [h.path for h in old.search(query, k=10)]
 
 
 def _env():
@@ -176,24 +191,40 @@ def _other_probe(export: Path) -> None:  # as if ONNX Runtime or the tokenizer n
     _edit_manifest(export, lambda manifest: manifest["text"].update(probe=[-x for x in manifest["text"]["probe"]]))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("damage", "warned"),
-    [
-        (lambda export: _truncate(export / "text.onnx.data"), "missing or truncated"),
-        (lambda export: _scramble(export / "text.onnx.data"), "damaged (checksum)"),
-        (_other_probe, "no longer gives its probe vector"),
-        (lambda export: (export / "text.onnx").write_bytes(b"not a model"), "missing or truncated"),
-        (lambda export: (export / "manifest.json").unlink(), "no ONNX export at"),
-        (_foreign, "is of demo"),
-    ],
-    ids=["truncated", "scrambled", "other-probe", "garbage", "no-manifest", "another-model"],
-)
-def test_a_damaged_or_foreign_export_is_made_again_with_a_warning(indexed, own_cache, damage, warned):
+DAMAGES = {
+    "truncated": (lambda export: _truncate(export / "text.onnx.data"), "missing or truncated"),
+    "scrambled": (lambda export: _scramble(export / "text.onnx.data"), "damaged (checksum)"),
+    "other-probe": (_other_probe, "no longer gives its probe vector"),
+    "garbage": (lambda export: (export / "text.onnx").write_bytes(b"not a model"), "missing or truncated"),
+    "no-manifest": (lambda export: (export / "manifest.json").unlink(), "no ONNX export at"),
+    "another-model": (_foreign, "is of demo"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_a_damaged_or_foreign_export_gives_no_vector(indexed, own_cache, kind):
+    """Each kind of damage is found before a vector is given; where the export cannot be made
+    again (torch missing), that is an error that says what is wrong."""
     root, _ = indexed
+    with SearchEngine.open(root / "index") as engine:
+        model_id = engine.store.model_id
     texts_in_float32(own_cache)  # the tower damaged below is the one queries read
+    damage, said = DAMAGES[kind]
+    damage(own_cache)
+    with pytest.raises(ExportBrokenError, match=re.escape(said)):
+        OnnxEncoder(own_cache, model_id).embed_texts(["a red circle"])
+
+
+# Made again from both places a damage is found: on opening the export (another model's), and
+# while embedding (a tower's checksum).
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["scrambled", "another-model"])
+def test_a_damaged_or_foreign_export_is_made_again_with_a_warning(indexed, own_cache, kind):
+    root, _ = indexed
+    texts_in_float32(own_cache)
     with SearchEngine.open(root / "index") as engine:
         expected = [hit.id for hit in engine.search("a red circle", k=10)]
+    damage, warned = DAMAGES[kind]
     damage(own_cache)
     with warnings.catch_warnings(record=True) as caught, SearchEngine.open(root / "index") as engine:
         warnings.simplefilter("always")

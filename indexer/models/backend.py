@@ -33,14 +33,31 @@ from typing import TYPE_CHECKING
 from indexer.config import cache_home
 from indexer.errors import ClipseekError, ClipseekWarning, ModelError, ModelMismatchError
 from indexer.models import devices, hub
-from indexer.models.identity import DEMO_MODEL, ModelId
+from indexer.models.identity import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    DEMO_MODEL,
+    ModelId,
+    demo_checkpoint,
+    sha256_file,
+)
 from indexer.models.onnx_encoder import INT8_COSINE, ExportBrokenError, OnnxEncoder, read_manifest
 
 if TYPE_CHECKING:
     from indexer.models.encoder import Encoder
     from indexer.store import Store
 
-__all__ = ["BACKENDS", "chosen", "describe", "encoder_for", "encoder_of", "export_dir", "exported", "load"]
+__all__ = [
+    "BACKENDS",
+    "chosen",
+    "describe",
+    "encoder_for",
+    "encoder_of",
+    "export_dir",
+    "exported",
+    "exported_model",
+    "load",
+]
 
 log = logging.getLogger("clipseek")
 
@@ -161,6 +178,38 @@ def exported(model_id: ModelId) -> bool | None:
         return read_manifest(folder).get("model") == model_id.to_dict() or None
     except ExportBrokenError:
         return None
+
+
+def exported_model(model: str | None, pretrained: str | None, checkpoint: str | os.PathLike | None) -> ModelId | None:
+    """The identity of the model that `model`, `pretrained` and `checkpoint` name (as
+    load_encoder resolves them), read from its export in the model cache without torch; None
+    where the cache holds no export of it, or where only loading it can tell (a hub model).
+
+    A new index of a model exported before so starts in a second, not after a torch load of
+    several. The export's manifest records the identity that torch computed for the same
+    architecture, tag and weights' sha256."""
+    model = model or DEFAULT_MODEL
+    if model.startswith(hub.HF_HUB_PREFIX):
+        return None
+    if model == DEMO_MODEL and checkpoint is None and pretrained is None:
+        checkpoint = demo_checkpoint()
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            return None
+        pretrained, sha256 = None, sha256_file(checkpoint)
+    elif pretrained is None and model != DEFAULT_MODEL:
+        return None  # load_encoder says which weights to name
+    else:
+        pretrained, sha256 = pretrained or DEFAULT_PRETRAINED, None
+    wanted = {"architecture": model, "pretrained": pretrained, "checkpoint_sha256": sha256}
+    for manifest in sorted((cache_home() / "models").glob("*/manifest.json")):
+        try:
+            recorded = read_manifest(manifest.parent)["model"]
+            if all(recorded.get(key) == value for key, value in wanted.items()):
+                return ModelId.from_dict(recorded)
+        except (ExportBrokenError, KeyError, TypeError):
+            continue  # not an export this can read: loading the model decides
+    return None
 
 
 def encoder_for(
