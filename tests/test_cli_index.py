@@ -19,6 +19,15 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="module")
+def three_hundred(tmp_path_factory) -> Path:
+    """A library of 300 pictures (ten batches), long enough to stop a run in the middle; the tests
+    index it, each into an index of its own, and leave it as it is."""
+    library = tmp_path_factory.mktemp("three-hundred") / "library"
+    write_library(library, count=300, seed=4)
+    return library
+
+
 def item_count(index: Path) -> int:
     try:
         with sqlite3.connect(f"file:{index / 'catalog.sqlite'}?mode=ro", uri=True) as connection:
@@ -74,16 +83,15 @@ def test_clear_errors(tmp_path, home):
 
 
 @pytest.mark.slow
-def test_a_second_writer_fails_fast_naming_the_first(tmp_path, home):
-    write_library(tmp_path / "library", count=300, seed=3)
+def test_a_second_writer_fails_fast_naming_the_first(three_hundred, home):
     index = home / "indexes" / "default"
-    first = subprocess.Popen([CLIPSEEK, "index", tmp_path / "library", "--model", "demo", "-q"], stderr=subprocess.PIPE)
+    first = subprocess.Popen([CLIPSEEK, "index", three_hundred, "--model", "demo", "-q"], stderr=subprocess.PIPE)
     try:
         while item_count(index) == 0 and first.poll() is None:
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # held mid-run, however fast it would finish
         assert first.poll() is None and item_count(index) < 300
-        second = clipseek("index", tmp_path / "library", check=False)
+        second = clipseek("index", three_hundred, check=False)
         assert second.returncode == 1 and f"being written by process {first.pid}" in second.stderr
     finally:
         first.send_signal(signal.SIGCONT)
@@ -92,9 +100,8 @@ def test_a_second_writer_fails_fast_naming_the_first(tmp_path, home):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_items", [0, 64, 200])
-def test_a_killed_run_loses_at_most_a_batch_and_a_rerun_completes(tmp_path, home, kill_after_items):
-    library = tmp_path / "library"
-    write_library(library, count=300, seed=4)
+def test_a_killed_run_loses_at_most_a_batch_and_a_rerun_completes(three_hundred, home, kill_after_items):
+    library = three_hundred
     index = home / "indexes" / "default"
     run = subprocess.Popen([CLIPSEEK, "index", library, "--model", "demo", "-q"], stderr=subprocess.DEVNULL)
     while item_count(index) < kill_after_items and run.poll() is None:
@@ -119,9 +126,8 @@ def test_a_killed_run_loses_at_most_a_batch_and_a_rerun_completes(tmp_path, home
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_after_the_current_batch(tmp_path, home):
-    library = tmp_path / "library"
-    write_library(library, count=300, seed=5)
+def test_ctrl_c_stops_after_the_current_batch(three_hundred, home):
+    library = three_hundred
     index = home / "indexes" / "default"
     run = subprocess.Popen([CLIPSEEK, "index", library, "--model", "demo", "-q"], stderr=subprocess.PIPE, text=True)
     while item_count(index) < 32 and run.poll() is None:

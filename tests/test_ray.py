@@ -1,7 +1,7 @@
-"""Indexing on Ray: the same index as the plain path and a model actor killed mid-run that Ray
-replaces (each a `clipseek index --ray` that starts and stops a local Ray of its own); then, on
-one local Ray kept up for them (a run joins a Ray already running), shards left by a killed
-ingest, a list of URLs with broken ones (served on loopback), and WebDataset shards."""
+"""Indexing on Ray: the same index as the plain path (a `clipseek index --ray` that starts and
+stops a local Ray of its own); then, on one local Ray kept up for them (a run joins a Ray already
+running), a model actor killed mid-run that Ray replaces, shards left by a killed ingest, a list
+of URLs with broken ones (served on loopback), and WebDataset shards."""
 
 import functools
 import http.server
@@ -108,28 +108,33 @@ def test_a_library_indexed_on_ray_equals_the_plain_path(tmp_path, library):
     assert searched[0].stdout == searched[1].stdout and searched[0].stdout.count("\n") == 10
 
 
+@pytest.mark.usefixtures("running_ray")
 def test_a_model_actor_killed_mid_run_is_replaced_and_the_index_is_complete(tmp_path, library):
-    run = subprocess.Popen(
-        [CLIPSEEK, "index", library, "--model", "demo", "--ray", "--index", tmp_path / "index"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    killed = None
-    while run.poll() is None and killed is None:  # the actor, once it has loaded the model
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith("ray::MapWorker(") and ".__init__" not in title:
-                os.kill(int(pid), signal.SIGKILL)
-                killed = title
-                break
-        time.sleep(0.02)
-    _, stderr = run.communicate(timeout=300)
-    assert killed is not None, "the run ended before its model actor could be killed"
-    assert run.returncode == 0, stderr
-    assert "40 embedded, 1 failed" in stderr
+    killed, done = [], threading.Event()
+
+    def kill_the_actor() -> None:  # once it has loaded the model
+        while not done.is_set() and not killed:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                if title.startswith("ray::MapWorker(") and ".__init__" not in title:
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(title)
+                    break
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_actor)
+    killer.start()
+    try:
+        with Indexer.open(tmp_path / "index", model="demo") as indexer:
+            report = indexer.index([library], ray=RaySettings())
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "the run ended before its model actor could be killed"
+    assert (report.embedded, report.failed) == (40, 1)
     assert len(rows_by_path(tmp_path / "index")) == 40
     with Store.open(tmp_path / "index") as store:
         assert store.check() == []
