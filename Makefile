@@ -48,9 +48,11 @@ lint: $(DEV)
 
 # Test files run in parallel on every core, each file on one worker (its module fixtures built
 # once). The Ray tests run after them, alone: a local Ray is a dozen processes, and beside another
-# test file on two cores its tests took four times as long (274 s against 67 s alone).
+# test file on two cores its tests took four times as long (274 s against 67 s alone). Both runs
+# share one model cache (CLIPSEEK_TEST_CACHE), so that the demo model is exported once.
 test: lint
-	$(BIN)/python -m pytest -n auto --dist loadfile --ignore tests/test_ray.py
+	cache=$$(mktemp -d) && trap 'rm -rf "$$cache"' EXIT && export CLIPSEEK_TEST_CACHE=$$cache && \
+	$(BIN)/python -m pytest -n auto --dist loadfile --ignore tests/test_ray.py && \
 	$(BIN)/python -m pytest tests/test_ray.py
 
 bench: $(DEV)

@@ -1,4 +1,5 @@
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -23,11 +24,29 @@ def no_network(monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """One model cache for the whole run (CLI subprocesses included): each model is exported to ONNX once."""
+    """One model cache for the whole run (CLI subprocesses included), holding the demo model's
+    ONNX export from the start: shared by the run's workers, and by both of `make test`'s runs
+    where CLIPSEEK_TEST_CACHE names a folder, so that the export is made once."""
+    import fcntl
     import os
 
-    folder = tmp_path_factory.mktemp("model-cache")
+    from indexer.models import backend
+
+    if os.environ.get("CLIPSEEK_TEST_CACHE"):
+        folder = Path(os.environ["CLIPSEEK_TEST_CACHE"])
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.getbasetemp().parent / "model-cache"  # the workers' common folder
+    else:
+        folder = tmp_path_factory.getbasetemp() / "model-cache"
+    folder.mkdir(parents=True, exist_ok=True)
     os.environ["CLIPSEEK_CACHE"] = str(folder)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait for the first one's export
+        if backend.exported_model("demo", None, None) is None:
+            from indexer.models.encoder import load_encoder
+
+            encoder = load_encoder("demo")
+            backend.load(encoder.model_id, lambda: encoder)
     yield folder
     del os.environ["CLIPSEEK_CACHE"]
 

@@ -155,9 +155,10 @@ def _env():
 @pytest.fixture
 def own_cache(monkeypatch, tmp_path, model_cache):
     """A model cache of this test's own, holding a copy of the demo model's export, to damage."""
-    shutil.copytree(model_cache / "models", tmp_path / "cache" / "models")
+    shared = backend.export_dir(backend.exported_model("demo", None, None))
+    export = tmp_path / "cache" / "models" / shared.name
+    shutil.copytree(shared, export)
     monkeypatch.setenv("CLIPSEEK_CACHE", str(tmp_path / "cache"))
-    (export,) = [p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()]
     return export
 
 
