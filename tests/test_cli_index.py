@@ -28,6 +28,18 @@ def three_hundred(tmp_path_factory) -> Path:
     return library
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def item_count(index: Path) -> int:
     try:
         with sqlite3.connect(f"file:{index / 'catalog.sqlite'}?mode=ro", uri=True) as connection:
@@ -108,8 +120,14 @@ def test_a_killed_run_loses_at_most_a_batch_and_a_rerun_completes(three_hundred,
         time.sleep(0.01)
     if kill_after_items == 0:
         time.sleep(1.0)  # somewhere in start-up
+    decoders = children(run.pid)
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=60)
+    assert kill_after_items == 0 or decoders  # 300 pictures are decoded in processes
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in decoders) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in decoders), "the run's decoding processes outlived it"
 
     survived = item_count(index)
     if survived:  # the catalog reopens consistent, whatever the vector files say

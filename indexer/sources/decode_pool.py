@@ -21,9 +21,10 @@ begun with the run) and a copy of each picture's pixels back, so short runs deco
 
 Processes are spawned, not forked: a fork of a process whose torch or ONNX Runtime threads
 hold locks can hang. They ignore Ctrl-C, which the indexing process turns into "stop after this
-batch". A decoder that crashes its process (hostile bytes reaching a native decoder) breaks the
-pool: it is replaced, and each picture that was in flight is decoded again alone, in a process
-of its own, so that only the picture that crashes again is recorded as a failure.
+batch", and end within a second of the indexing process when it is killed. A decoder that
+crashes its process (hostile bytes reaching a native decoder) breaks the pool: it is replaced,
+and each picture that was in flight is decoded again alone, in a process of its own, so that
+only the picture that crashes again is recorded as a failure.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -42,9 +44,20 @@ from indexer.sources.pictures import Prepared, prepare_picture
 
 __all__ = ["DecodePool"]
 
+ORPHAN_CHECK_S = 1.0  # how often a worker looks whether the indexing process is still there
 
-def _ignore_interrupts() -> None:
+
+def _in_worker(parent: int) -> None:
+    """A worker ignores Ctrl-C, and ends when the indexing process has ended: one killed (kill -9,
+    out of memory) cannot tell its workers, which would otherwise wait for work forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _end_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_S)
+    os._exit(1)
 
 
 def _ready() -> None:
@@ -67,7 +80,7 @@ class DecodePool:
 
     def _start(self, workers: int) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_in_worker, initargs=(os.getpid(),))
 
     def start(self) -> DecodePool:
         """Start every process now, without waiting for them."""
