@@ -227,6 +227,7 @@ def test_stats_and_new_commits_without_restart(client, library):
     assert (
         before["model"]["architecture"] == "demo"
         and {"modality": "image", "collection": None, "count": 60} in before["items"]
+        and before["matchers"] == ["demo"]
     )
     extra = root / "later"
     extra.mkdir()

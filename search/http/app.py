@@ -34,6 +34,7 @@ from indexer.errors import (
     QueryError,
     StoreError,
 )
+from indexer.models.matcher import available_matchers
 from search.engine import MAX_K, SearchEngine
 from search.engine import Query as EngineQuery
 from search.http import knn_service
@@ -229,12 +230,14 @@ def _item_routes(api: APIRouter) -> None:
 
     @api.get("/stats", tags=["server"])
     async def stats(request: Request) -> dict[str, Any]:
-        """Items per modality and collection, the model, the index type, sizes on disk."""
+        """Items per modality and collection, the model, the index type, the matchers that can
+        re-rank its answers (the default first), sizes on disk."""
         state = await run(request, engine_of(request).store.status)
         return {
             "index": request.app.state.settings.index_name,
             "model": state.model.to_dict() if state.model else None,
             "index_type": state.index_type,
+            "matchers": available_matchers(state.model.architecture) if state.model else [],
             "generation": state.generation,
             "updated_at": state.updated_at,
             "items": [{"modality": m, "collection": c, "count": n} for m, c, n in state.counts],
