@@ -79,24 +79,25 @@ def catalog_place(request, tmp_path, monkeypatch):
     return request.getfixturevalue("postgres").new_database()
 
 
-# The files that take longest (each half a minute to a minute and a half on 2 cores), in that
+# The files that take longest (each a quarter of a minute to a minute on 2 cores), in that
 # order: pytest-xdist hands out whole files in collection order (`--dist loadfile`), so these go
 # first and the short files fill in at the end, and the workers finish together.
 LONGEST_FIRST = [
-    "test_onnx_path.py",
-    "test_cli_index.py",
-    "test_index_types.py",
     "test_hf_export.py",
-    "test_postgres.py",
-    "test_cli_search.py",
-    "test_encoder.py",
-    "test_rerun.py",
+    "test_onnx_path.py",
     "test_hf_text_export.py",
-    "test_readme.py",
-    "test_blip_matcher.py",
     "test_http_fuzz.py",
-    "test_devices.py",
+    "test_index_types.py",
+    "test_cli_index.py",
+    "test_encoder.py",
+    "test_postgres.py",
     "test_first_run.py",
+    "test_readme.py",
+    "test_devices.py",
+    "test_cli_search.py",
+    "test_rerun.py",
+    "test_http_hostile.py",
+    "test_mapped_embeddings.py",
 ]
 
 
