@@ -185,8 +185,8 @@ def exported_model(model: str | None, pretrained: str | None, checkpoint: str | 
     load_encoder resolves them), read from its export in the model cache without torch; None
     where the cache holds no export of it, or where only loading it can tell (a hub model).
 
-    A new index of a model exported before so starts in a second, not after a torch load of
-    several. The export's manifest records the identity that torch computed for the same
+    So a new index of a model exported before starts in a second rather than after a torch load
+    of several. The export's manifest records the identity that torch computed for the same
     architecture, tag and weights' sha256."""
     model = model or DEFAULT_MODEL
     if model.startswith(hub.HF_HUB_PREFIX):
