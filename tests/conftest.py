@@ -25,8 +25,9 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """One model cache for the whole run (CLI subprocesses included), holding the demo model's
-    ONNX export from the start: shared by the run's workers, and by both of `make test`'s runs
-    where CLIPSEEK_TEST_CACHE names a folder, so that the export is made once."""
+    ONNX export: shared by the run's workers, and by both of `make test`'s runs where
+    CLIPSEEK_TEST_CACHE names a folder, so that the export is made once. The first worker makes
+    it; the others go on meanwhile (the longest file, first, needs no demo model)."""
     import fcntl
     import os
 
@@ -41,12 +42,16 @@ def model_cache(tmp_path_factory):
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["CLIPSEEK_CACHE"] = str(folder)
     with open(folder.with_name(folder.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait for the first one's export
-        if backend.exported_model("demo", None, None) is None:
-            from indexer.models.encoder import load_encoder
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another worker is exporting it; this one starts on a file that needs none
+            pass
+        else:
+            if backend.exported_model("demo", None, None) is None:
+                from indexer.models.encoder import load_encoder
 
-            encoder = load_encoder("demo")
-            backend.load(encoder.model_id, lambda: encoder)
+                encoder = load_encoder("demo")
+                backend.load(encoder.model_id, lambda: encoder)
     yield folder
     del os.environ["CLIPSEEK_CACHE"]
 
