@@ -14,6 +14,7 @@ import pytest
 
 from indexer.errors import ClipseekWarning
 from indexer.models import backend
+from indexer.models.identity import demo_checkpoint
 from indexer.models.onnx_encoder import INT8_COSINE, INT8_PROBE_TEXTS, ExportBrokenError, OnnxEncoder
 from indexer.sources.pictures import decode_image
 from search.engine import Query, SearchEngine
@@ -136,14 +137,18 @@ def test_a_cli_query_never_imports_torch_and_status_says_which_path(indexed):
 
 
 def test_a_new_index_of_an_exported_model_never_imports_torch(indexed, tmp_path):
+    """Named by its architecture, or by a checkpoint file holding the same weights under another name."""
     root, _ = indexed
-    result = run_with_imports("index", root / "library", "--model", "demo", "--index", tmp_path / "new")
-    assert result.stderr.strip().endswith("[]"), result.stderr
-    assert "60 embedded on cpu (ONNX Runtime)" in result.stderr
-    with SearchEngine.open(root / "index") as old, SearchEngine.open(tmp_path / "new") as new:
-        assert new.store.model_id == old.store.model_id
-        for query in QUERIES:
-            assert [h.path for h in new.search(query, k=10)] == [h.path for h in old.search(query, k=10)]
+    renamed = tmp_path / "renamed.safetensors"
+    shutil.copy(demo_checkpoint(), renamed)
+    for name, weights in [("new", []), ("from-file", ["--checkpoint", renamed])]:
+        result = run_with_imports("index", root / "library", "--model", "demo", *weights, "--index", tmp_path / name)
+        assert result.stderr.strip().endswith("[]"), result.stderr
+        assert "60 embedded on cpu (ONNX Runtime)" in result.stderr
+        with SearchEngine.open(root / "index") as old, SearchEngine.open(tmp_path / name) as new:
+            assert new.store.model_id == old.store.model_id
+            for query in QUERIES:
+                assert [h.path for h in new.search(query, k=10)] == [h.path for h in old.search(query, k=10)]
 
 
 def _env():

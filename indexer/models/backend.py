@@ -194,22 +194,25 @@ def exported_model(model: str | None, pretrained: str | None, checkpoint: str | 
     if model == DEMO_MODEL and checkpoint is None and pretrained is None:
         checkpoint = demo_checkpoint()
     if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            return None
-        pretrained, sha256 = None, sha256_file(checkpoint)
+        pretrained = None
     elif pretrained is None and model != DEFAULT_MODEL:
         return None  # load_encoder says which weights to name
     else:
-        pretrained, sha256 = pretrained or DEFAULT_PRETRAINED, None
-    wanted = {"architecture": model, "pretrained": pretrained, "checkpoint_sha256": sha256}
+        pretrained = pretrained or DEFAULT_PRETRAINED
+    candidates = []
     for manifest in sorted((cache_home() / "models").glob("*/manifest.json")):
         try:
             recorded = read_manifest(manifest.parent)["model"]
-            if all(recorded.get(key) == value for key, value in wanted.items()):
-                return ModelId.from_dict(recorded)
+            if recorded["architecture"] == model and recorded["pretrained"] == pretrained:
+                candidates.append(recorded)
         except (ExportBrokenError, KeyError, TypeError):
             continue  # not an export this can read: loading the model decides
-    return None
+    if candidates and checkpoint is not None:  # hashed only where an export may be of these weights
+        if not os.path.isfile(checkpoint):
+            return None
+        sha256 = sha256_file(checkpoint)
+        candidates = [recorded for recorded in candidates if recorded.get("checkpoint_sha256") == sha256]
+    return ModelId.from_dict(candidates[0]) if candidates else None
 
 
 def encoder_for(
