@@ -41,7 +41,7 @@ def model_cache(tmp_path_factory):
         folder = tmp_path_factory.getbasetemp() / "model-cache"
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["CLIPSEEK_CACHE"] = str(folder)
-    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+    with open(folder / ".lock", "w") as lock:  # inside: removed with the folder
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # another worker is exporting it; this one starts on a file that needs none
