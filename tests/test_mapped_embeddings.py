@@ -226,3 +226,32 @@ def test_an_index_turned_exact_keeps_no_embeddings_file(ivf, planted):
     with Store.open(root, write=True) as store:
         store.optimize("hnsw", **QUIET)
     assert stamp_of(root)["count"] == 4120 and answers(root, planted) == from_the_catalog(root, planted)
+
+
+@pytest.mark.parametrize(
+    "spacing",
+    ["one modality", "two interleaved", "runs with gaps", "random gaps"],
+)
+def test_each_row_is_found_by_its_id_however_the_ids_are_spaced(tmp_path, spacing):
+    """Rows are looked up by guessing from the ids' spacing: whatever the ids, every id held is
+    found with its own vector (float16 widened exactly, values below float16's normal range too)
+    and no other id is."""
+    rng = np.random.default_rng(7)
+    ids = {
+        "one modality": np.arange(1, 3001),
+        "two interleaved": np.arange(2, 6001, 2),
+        "runs with gaps": np.concatenate([np.arange(1, 1001), np.arange(5000, 6000), np.arange(90_000, 91_000)]),
+        "random gaps": np.sort(rng.choice(100_000, 3000, replace=False)) + 1,
+    }[spacing]
+    vectors = unit(rng.normal(size=(len(ids), 16))).astype(np.float32)
+    vectors[:, 0] = rng.choice([0.0, 3e-6, -2e-7, 6e-5], len(ids))  # float16 subnormals and zero
+    path = tmp_path / "image.embeddings"
+    files.write(path, [(ids[:1500], vectors[:1500]), (ids[1500:], vectors[1500:])], 16, "float16", 1)
+    mapped, problem = files.EmbeddingFile.open(path, 16, 1)
+    assert problem == ""
+    asked = np.concatenate([ids[rng.permutation(len(ids))[:500]], rng.integers(0, ids[-1] + 100, 500)])
+    rows, held = mapped.find(asked)
+    assert np.array_equal(held, np.isin(asked, ids))
+    position = {int(item): row for row, item in enumerate(ids)}
+    assert rows.tolist() == [position[int(item)] for item in asked[held]]
+    np.testing.assert_array_equal(mapped.rows(rows, asked[held]), vectors[rows].astype(np.float16).astype(np.float32))

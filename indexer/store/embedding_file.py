@@ -41,6 +41,7 @@ from indexer.store.vectors import (
     inner_products,
     read_stamp,
     stamp_path,
+    widened,
     write_atomically,
 )
 
@@ -52,6 +53,7 @@ FLOAT16_UNIT = 2.0**-11  # float16's relative rounding error
 FLOAT16_TINY = 2.0**-25  # its absolute error below the normal range
 FLOAT32_UNIT = 2.0**-24  # float32's, which bounds a dim-term sum's error at dim × this × |q||v|
 SEED_STEP = 0x9E3779B1  # odd: ids below 2**32 get distinct CRC seeds
+GUESSES = 3  # steps from an id's row by the ids' spacing before a binary search (EmbeddingFile.find)
 
 
 class DamagedError(Exception):
@@ -152,7 +154,20 @@ class EmbeddingFile:
         """(rows of the ids this file holds, mask of those ids among `ids`)."""
         if not self.stamp.count:
             return np.zeros(0, np.int64), np.zeros(len(ids), bool)
-        rows = np.minimum(np.searchsorted(self.ids, ids), self.stamp.count - 1)
+        # Ids are handed out in order and rarely removed, so an id's row is nearly where the ids'
+        # average spacing puts it (a modality alone, or interleaved with the other): a few reads
+        # each, where a binary search over the 80 MB of ids of 10 million rows reads some 20
+        # (a millisecond per 1,000 candidates). What the guesses miss is searched for.
+        ids, last = np.asarray(ids, np.int64), self.stamp.count - 1
+        first, spacing = int(self.ids[0]), max((int(self.ids[last]) - int(self.ids[0])) / max(last, 1), 1.0)
+        rows = np.clip(np.rint((ids - first) / spacing).astype(np.int64), 0, last)
+        for _ in range(GUESSES):
+            off = ids - self.ids[rows]
+            if not off.any():
+                break
+            rows = np.clip(rows + np.rint(off / spacing).astype(np.int64), 0, last)
+        missed = self.ids[rows] != ids
+        rows[missed] = np.minimum(np.searchsorted(self.ids, ids[missed]), last)
         held = self.ids[rows] == ids
         return rows[held], held
 
@@ -165,7 +180,7 @@ class EmbeddingFile:
         bad = np.flatnonzero(found != self.crcs[rows])
         if len(bad):
             raise DamagedError(f"damaged (the row of item {int(asked[bad[0]])} fails its checksum)")
-        return vectors.astype(np.float32)
+        return widened(vectors) if self.stamp.dtype == "float16" else vectors.astype(np.float32)
 
     def verify_all(self) -> str:
         """The whole file against its stamped CRC-32 (at zlib's speed, where row by row runs

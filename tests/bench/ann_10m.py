@@ -16,9 +16,14 @@ against exact search and the p50/p99 latency of one query twice: first with the 
 dropped from the page cache (cold: each candidate's row read from disk), then with the
 embeddings file read through once (warm). Also where the re-ranking read its rows: the
 embeddings file, or the catalog (the file missing or unsound), and how many rows per query
-came from the catalog (for float16, the few hits re-scored in float32).
+came from the catalog (for float16, the few hits re-scored in float32), and how a query's time
+splits between the vector index, the catalog and the rest (the re-ranking from the file).
 
-    .venv/bin/python -m tests.bench.ann_10m [--count N] [--out FILE] [--dir SCRATCH]
+    .venv/bin/python -m tests.bench.ann_10m [--count N] [--out FILE] [--dir SCRATCH | --keep FOLDER]
+
+`--keep FOLDER` keeps the built index, its queries and their exact answers in FOLDER; run again
+with the same FOLDER, it measures the queries alone (minutes, where loading and building 10M
+take over an hour), reporting the load and build figures of the run that built it.
 """
 
 from __future__ import annotations
@@ -51,15 +56,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000_000)
     parser.add_argument("--out", default="bench-10m-report.json")
-    parser.add_argument("--dir", help="scratch folder for the index (default: a temporary one)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--dir", help="scratch folder for the index (default: a temporary one)")
+    where.add_argument("--keep", metavar="FOLDER", help="build in FOLDER and keep it; query it again if built")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
-        report = run(Path(scratch) / "index", args.count)
+    if args.keep:
+        report = kept(Path(args.keep), args.count)
+    else:
+        with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
+            report = run(Path(scratch) / "index", args.count)
     Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"report written to {args.out}")
 
 
 def run(root: Path, count: int) -> dict:
+    report, (warm, cold, expected) = built(root, count)
+    report["queries"] = queried(root, warm, cold, expected)
+    return report
+
+
+def kept(folder: Path, count: int) -> dict:
+    """run(), keeping the index and what its queries need in `folder`, or querying the one kept there."""
+    saved = folder / "built.json"
+    if saved.exists():
+        report = json.loads(saved.read_text(encoding="utf-8"))
+        if report["count"] != count:
+            raise SystemExit(f"{folder} holds {report['count']:,} vectors, not {count:,}: give another --keep folder")
+        print(f"querying the index of {count:,} vectors kept in {folder} (its load and build figures as reported then)")
+        with np.load(folder / "queries.npz") as arrays:
+            queries = arrays["warm"], arrays["cold"], arrays["truth"]
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        report, queries = built(folder / "index", count)
+        np.savez(folder / "queries.npz", warm=queries[0], cold=queries[1], truth=queries[2])
+        saved.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return {**report, "queries": queried(folder / "index", *queries)}
+
+
+def built(root: Path, count: int) -> tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Load and build: the report so far, and the warm and cold queries with the exact top 10 of each."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(1000, DIM)).astype(np.float32)
     warm = mixture(QUERIES, rng, centres)
@@ -73,12 +108,13 @@ def run(root: Path, count: int) -> dict:
         report.update(build(store))
     report["build_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"loading and building: peak RSS {report['build_peak_rss_bytes'] / 2**30:.2f} GiB")
+    return report, (warm, cold, np.asarray(truth.truth()))
 
-    # A process of its own, so that its peak memory is the querying's alone.
-    expected = truth.truth()
+
+def queried(root: Path, warm: np.ndarray, cold: np.ndarray, expected: np.ndarray) -> dict:
+    """The query phase, in a process of its own, so that its peak memory is the querying's alone."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        report["queries"] = pool.apply(query, (root, warm, expected[:QUERIES], cold, expected[QUERIES:]))
-    return report
+        return pool.apply(query, (root, warm, expected[:QUERIES], cold, expected[QUERIES:]))
 
 
 def load(store: Store, rng: np.random.Generator, centres: np.ndarray, count: int, truth: TuningQueries) -> dict:
@@ -154,27 +190,22 @@ def query(root: Path, warm: np.ndarray, warm_truth: list, cold: np.ndarray, cold
             drop_from_page_cache(path)
     with Store.open(root) as store:
         opened, problem = store.reranking.open("text")
-        # Rows the re-ranking reads from the catalog, query by query: a counting pass-through.
-        fetched: list[int] = []
-        embeddings_of = store.catalog.embeddings_of
-
-        def counted(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            found = embeddings_of(ids)
-            fetched.append(len(found[0]))
-            return found
-
-        store.catalog.embeddings_of = counted
+        # Rows the re-ranking reads from the catalog, and the time spent in the catalog and in
+        # the vector index, query by query: counting pass-throughs.
+        spent = Spent()
+        store.catalog.embeddings_of = spent.counting("catalog", store.catalog.embeddings_of, rows=True)
         started = time.perf_counter()
-        store.vectors("text")  # loaded once, as a warm engine holds it
+        index = store.vectors("text")  # loaded once, as a warm engine holds it
         load_s = time.perf_counter() - started
+        index.search = spent.counting("vector index", index.search)
         path = store.reranking.path("text")
         report = {"vector_file_load_s": load_s, "embeddings_cached_bytes_before_cold": cached_bytes(path)}
-        report["cold"] = measure(store, cold, cold_truth, fetched)
+        report["cold"] = measure(store, cold, cold_truth, spent)
         started = time.perf_counter()
         read_through(path)
         report["warming_read_s"] = time.perf_counter() - started
         report["embeddings_cached_bytes_before_warm"] = cached_bytes(path)
-        report["warm"] = measure(store, warm, warm_truth, fetched)
+        report["warm"] = measure(store, warm, warm_truth, spent)
     report["reranked_from"] = "text.embeddings" if opened is not None and not fallbacks.lines else "catalog"
     report["fallbacks"] = fallbacks.lines if opened is not None else [f"text.embeddings {problem}", *fallbacks.lines]
     report["memory"] = process_memory()
@@ -183,7 +214,9 @@ def query(root: Path, warm: np.ndarray, warm_truth: list, cold: np.ndarray, cold
         print(
             f"{name} fresh queries through Store.nearest: recall@10 {figures['recall']:.3f},"
             f" p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms,"
-            f" {figures['catalog_rows_per_query']:.1f} rows per query from the catalog"
+            f" {figures['catalog_rows_per_query']:.1f} rows per query from the catalog;"
+            f" of a mean query's {figures['mean_ms']:.1f} ms: vector index {figures['vector_index_ms']:.1f},"
+            f" catalog {figures['catalog_ms']:.1f}, the rest (re-ranking from the file) {figures['rest_ms']:.1f}"
         )
     memory = report["memory"]
     print(
@@ -194,21 +227,50 @@ def query(root: Path, warm: np.ndarray, warm_truth: list, cold: np.ndarray, cold
     return report
 
 
-def measure(store: Store, queries: np.ndarray, truth: list, fetched: list[int]) -> dict:
-    latencies, hits, from_catalog = [], 0, 0
+class Spent:
+    """Time spent in wrapped calls, and rows they returned, since the last clear()."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.rows = 0
+
+    def clear(self) -> None:
+        self.seconds, self.rows = {}, 0
+
+    def counting(self, name: str, call, rows: bool = False):
+        def counted(*args, **kwargs):
+            began = time.perf_counter()
+            answer = call(*args, **kwargs)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+            self.rows += len(answer[0]) if rows else 0
+            return answer
+
+        return counted
+
+
+def measure(store: Store, queries: np.ndarray, truth: list, spent: Spent) -> dict:
+    latencies, hits, from_catalog, parts = [], 0, 0, {"vector index": 0.0, "catalog": 0.0}
     for query, expected in zip(queries, truth, strict=True):
-        fetched.clear()
+        spent.clear()
         began = time.perf_counter()
         found, _ = store.nearest("text", query, 10)
         latencies.append((time.perf_counter() - began) * 1000)
         hits += len(np.intersect1d(found, expected))
-        from_catalog += sum(fetched)
+        from_catalog += spent.rows
+        for name in parts:
+            parts[name] += spent.seconds.get(name, 0.0) * 1000
     p50, p99 = np.percentile(latencies, [50, 99])
+    mean = float(np.mean(latencies))
+    index_ms, catalog_ms = (parts[name] / len(queries) for name in ("vector index", "catalog"))
     return {
         "recall": hits / (10 * len(queries)),
         "p50_ms": float(p50),
         "p99_ms": float(p99),
         "catalog_rows_per_query": from_catalog / len(queries),
+        "mean_ms": mean,
+        "vector_index_ms": index_ms,
+        "catalog_ms": catalog_ms,
+        "rest_ms": mean - index_ms - catalog_ms,
     }
 
 
