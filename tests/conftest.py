@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import indexer  # noqa: F401  first, as in clipseek's own processes: OpenMP's wait policy, before a test loads torch
+
 
 @pytest.fixture(scope="session")
 def demo_encoder():

@@ -2,6 +2,7 @@
 that still give k hits, optimize switching kinds without losing an item, and the automatic choice."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -305,3 +306,15 @@ def test_a_reader_searches_its_file_in_place_while_a_writer_replaces_it(index, p
         assert set(reader.nearest("image", planted[0], 10)[0]) == set(expected)  # what it mapped, still whole
         reader.refresh()
         assert added in reader.nearest("image", planted[0], 10)[0]
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_faiss_threads_sleep_when_idle_unless_the_user_says_otherwise(given, expected):
+    """FAISS's OpenMP threads spinning between parallel sections took the cores that decoding
+    and other queries needed: clipseek asks them to sleep, before FAISS loads, unless the user
+    chose a wait policy."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env |= {"OMP_WAIT_POLICY": given} if given else {}
+    code = "from indexer.store import vectors; import os; print(os.environ['OMP_WAIT_POLICY'])"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == expected
