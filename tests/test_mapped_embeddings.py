@@ -5,6 +5,7 @@ items added since it was built found with exact scores; removed items never retu
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +256,19 @@ def test_each_row_is_found_by_its_id_however_the_ids_are_spaced(tmp_path, spacin
     position = {int(item): row for row, item in enumerate(ids)}
     assert rows.tolist() == [position[int(item)] for item in asked[held]]
     np.testing.assert_array_equal(mapped.rows(rows, asked[held]), vectors[rows].astype(np.float16).astype(np.float32))
+
+
+def test_a_few_embeddings_read_at_once_are_the_catalogs_in_the_order_asked(ivf):
+    """The near-ties' rows are read on several connections at once: the same rows as read one by
+    one, in the order asked, without the ids that are not there; the threads end with the store."""
+    rng = np.random.default_rng(3)
+    with Store.open(ivf) as store:
+        for count in (2, 3, 12, 64):
+            asked = np.concatenate([rng.choice(4120, count - 1, replace=False) + 1, [999_999]])
+            rng.shuffle(asked)
+            ids, vectors = store.catalog.embeddings_of(asked)
+            assert ids.tolist() == [int(i) for i in asked if i != 999_999]
+            for item, vector in zip(ids, vectors, strict=True):
+                np.testing.assert_array_equal(vector, store.catalog.embedding(int(item)))
+        assert any(thread.name.startswith("clipseek-catalog") for thread in threading.enumerate())
+    assert not any(thread.name.startswith("clipseek-catalog") for thread in threading.enumerate())
