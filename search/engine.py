@@ -119,6 +119,13 @@ class SearchEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def warm(self) -> None:
+        """Load what queries need before they come (a server's start): the model now, and in a
+        thread of its own the memory-mapped embeddings that approximate indexes re-rank from
+        (Reranking.warm), so that the first queries neither wait for nor fault their rows in."""
+        self.encoder  # noqa: B018
+        threading.Thread(target=self.store.reranking.warm, name="clipseek-warm", daemon=True).start()
+
     @property
     def encoder(self) -> Encoder | OnnxEncoder:
         """The index's own model, loaded on first use."""

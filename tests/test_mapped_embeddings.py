@@ -272,3 +272,30 @@ def test_a_few_embeddings_read_at_once_are_the_catalogs_in_the_order_asked(ivf):
                 np.testing.assert_array_equal(vector, store.catalog.embedding(int(item)))
         assert any(thread.name.startswith("clipseek-catalog") for thread in threading.enumerate())
     assert not any(thread.name.startswith("clipseek-catalog") for thread in threading.enumerate())
+
+
+def mappings_of(path: Path) -> set[tuple[str, int]]:
+    """This process's mappings of `path`: (address range, inode), from /proc/self/maps."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {(line.split()[0], int(line.split()[4])) for line in lines if line.endswith(str(path))}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_a_warm_reader_keeps_its_mapping_across_commits_and_maps_a_rebuilt_file_anew(ivf, planted):
+    """A server warms the file once (its pages read and mapped); another process's commit that
+    leaves the file as it is does not make the reader map it again, and a rebuild does."""
+    root, path = ivf, ivf / "image.embeddings"
+    other = unit(np.random.default_rng(8).normal(size=(1, 64)))[0]
+    with Store.open(root) as reader:
+        reader.reranking.warm()
+        warmed = mappings_of(path)
+        assert len(warmed) == 1 and next(iter(warmed))[1] == path.stat().st_ino
+        added = add_near(root, planted[0], 12, seed=1)  # the file kept
+        reader.refresh()
+        ids, _ = reader.nearest("image", planted[0], 10)
+        assert set(ids) <= set(added) and mappings_of(path) == warmed
+        more = add_near(root, other, 500, seed=2)  # the file rebuilt
+        reader.refresh()
+        ids, _ = reader.nearest("image", other, 10)
+        assert set(ids) <= set(more)
+        assert path.stat().st_ino in {inode for _, inode in mappings_of(path)}

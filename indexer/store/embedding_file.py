@@ -26,6 +26,7 @@ removed since the reader's vector index was loaded is dropped there too.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import secrets
 import zlib
@@ -53,6 +54,7 @@ FLOAT16_UNIT = 2.0**-11  # float16's relative rounding error
 FLOAT16_TINY = 2.0**-25  # its absolute error below the normal range
 FLOAT32_UNIT = 2.0**-24  # float32's, which bounds a dim-term sum's error at dim × this × |q||v|
 SEED_STEP = 0x9E3779B1  # odd: ids below 2**32 get distinct CRC seeds
+PREFAULT_BLOCK = 64 << 20  # bytes touched per call (EmbeddingFile.prefault)
 GUESSES = 3  # steps from an id's row by the ids' spacing before a binary search (EmbeddingFile.find)
 
 
@@ -116,11 +118,13 @@ class EmbeddingFile:
 
     def __init__(self, path: Path, stamp: Stamp):
         self.path, self.stamp = path, stamp
+        self.inode = path.stat().st_ino
         count, row = stamp.count, stamp.row_bytes()
         # A plain array over the mapping: numpy's memmap subclass costs microseconds per indexing.
         data = np.asarray(np.memmap(path, np.uint8, "r")) if stamp.size else np.zeros(0, np.uint8)
         if len(data) != stamp.size:  # replaced since its size was read (a writer's rebuild)
             raise DamagedError(f"replaced while opened ({len(data)} bytes, stamped {stamp.size})")
+        self._data = data
         self.vectors = data[: count * row].view(np.dtype(stamp.dtype).newbyteorder("<")).reshape(count, stamp.dim)
         self.crcs = data[count * row : count * (row + 4)].view("<u4")
         self.ids = data[count * (row + 4) :].view("<i8")
@@ -149,6 +153,22 @@ class EmbeddingFile:
 
     def describe(self) -> str:
         return f"{self.stamp.dtype}, {self.stamp.size / 2**20:,.0f} MiB mapped"
+
+    def unchanged(self) -> bool:
+        """Whether the file on disk is still the one mapped (not rebuilt or removed since)."""
+        stamp, _, _ = read_stamp(self.path, Stamp)
+        try:
+            return stamp == self.stamp and self.path.stat().st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+    def prefault(self) -> None:
+        """Touch every page of the file, in order: read from the disk (with read-ahead) where the
+        page cache lacks it, and mapped into this process, so that queries fault on none. A
+        fresh process at 10 million rows faulted some 800 pages in per query, 3 of its 8 ms.
+        The interpreter is let go while numpy touches each block."""
+        for start in range(0, len(self._data), PREFAULT_BLOCK):
+            self._data[start : start + PREFAULT_BLOCK : mmap.PAGESIZE].max()
 
     def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the ids this file holds, mask of those ids among `ids`)."""

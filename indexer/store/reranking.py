@@ -12,6 +12,7 @@ unsound, the reader re-ranks from the catalog and says why in one line.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -35,13 +36,26 @@ class Reranking:
     def __init__(self, root: Path, catalog: Catalog, dim: Callable[[], int]):
         self.root, self.catalog, self._dim = root, catalog, dim
         self._files: dict[str, EmbeddingFile | None] = {}
+        self._recheck: set[str] = set()  # mapped before the catalog moved on: kept if unchanged
+        self._lock = threading.Lock()  # queries' threads and warm()'s map a file once
 
     def path(self, modality: str) -> Path:
         return self.root / f"{modality}.embeddings"
 
     def forget(self) -> None:
-        """Open the files again at the next query (the catalog moved on; a writer may have rebuilt them)."""
-        self._files = {}
+        """Check the files again at the next query (the catalog moved on; a writer may have
+        rebuilt them). One still the same stays mapped, its pages warm: a row of it stays right
+        for its id, and items added since are re-ranked from the catalog."""
+        with self._lock:
+            self._recheck = set(self._files)
+
+    def warm(self) -> None:
+        """Map each modality's file and bring all of it into memory (EmbeddingFile.prefault): a
+        server's first queries then read no rows from the disk and fault on no pages."""
+        for modality in MODALITIES:
+            mapped = self._mapped(modality)
+            if mapped is not None:
+                mapped.prefault()
 
     def reranked(self, modality: str, ids: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k of `ids` nearest to `query` by the exact cosine of their embeddings, best first."""
@@ -58,12 +72,18 @@ class Reranking:
         return rerank(query, found, vectors, k)
 
     def _mapped(self, modality: str) -> EmbeddingFile | None:
-        if modality not in self._files:
-            mapped, problem = self.open(modality)
-            if mapped is None and self.path(modality).exists():
-                log.info("%s: %s; re-ranking from the catalog", self.path(modality).name, problem)
-            self._files[modality] = mapped
-        return self._files[modality]
+        with self._lock:
+            if modality in self._recheck:
+                self._recheck.discard(modality)
+                held = self._files.pop(modality, None)
+                if held is not None and held.unchanged():
+                    self._files[modality] = held
+            if modality not in self._files:
+                mapped, problem = self.open(modality)
+                if mapped is None and self.path(modality).exists():
+                    log.info("%s: %s; re-ranking from the catalog", self.path(modality).name, problem)
+                self._files[modality] = mapped
+            return self._files[modality]
 
     def open(self, modality: str) -> tuple[EmbeddingFile | None, str]:
         return EmbeddingFile.open(self.path(modality), self._dim(), self.catalog.generation())

@@ -129,5 +129,5 @@ def serve(
     # a matcher is fetched beforehand (clipseek models fetch), never by a request
     engine = SearchEngine.open(index, checkpoint, max_pixels=max_pixels, device=device, fetch_matchers=False)
     click.echo(f"loading the model of {engine.store.root} …", err=True)
-    engine.encoder  # noqa: B018 — loaded now, so the first query does not wait for it
+    engine.warm()  # the model loaded now, so the first query does not wait for it; the rows it re-ranks from too
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning", timeout_keep_alive=30)
