@@ -31,7 +31,7 @@ STALE = 0.1  # items added since the file was built, as a share of its rows, pas
 
 
 class Reranking:
-    """Each modality's embeddings file, opened once per catalog generation, and re-ranking from it."""
+    """Each modality's embeddings file, mapped once while it stays the same, and re-ranking from it."""
 
     def __init__(self, root: Path, catalog: Catalog, dim: Callable[[], int]):
         self.root, self.catalog, self._dim = root, catalog, dim
