@@ -124,7 +124,7 @@ class SearchEngine:
         thread of its own the memory-mapped embeddings that approximate indexes re-rank from
         (Reranking.warm), so that the first queries neither wait for nor fault their rows in."""
         self.encoder  # noqa: B018
-        threading.Thread(target=self.store.reranking.warm, name="clipseek-warm", daemon=True).start()
+        threading.Thread(target=_warm_quietly, args=(self.store,), name="clipseek-warm", daemon=True).start()
 
     @property
     def encoder(self) -> Encoder | OnnxEncoder:
@@ -406,6 +406,11 @@ class SearchEngine:
         from search.moderation import moderate
 
         return moderate(self, items, policy)
+
+
+def _warm_quietly(store) -> None:
+    with contextlib.suppress(Exception):  # a file that cannot be warmed is said by the query that reads it
+        store.reranking.warm()
 
 
 def _load_quietly(store, modality: str) -> None:

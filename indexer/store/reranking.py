@@ -53,7 +53,7 @@ class Reranking:
         """Map each modality's file and bring all of it into memory (EmbeddingFile.prefault): a
         server's first queries then read no rows from the disk and fault on no pages."""
         for modality in MODALITIES:
-            mapped = self._mapped(modality)
+            mapped = self._mapped(modality) if self.path(modality).exists() else None
             if mapped is not None:
                 mapped.prefault()
 
