@@ -61,7 +61,7 @@ bench: $(DEV)
 
 # The long one, on demand: 10,000,000 vectors through the store as IVF-PQ in 4 GiB (two hours or more on 2 cores,
 # ~36 GB of scratch disk, in BENCH_DIR when given, else the system's temporary folder). With BENCH_KEEP=FOLDER
-# the index is kept there, and a run with the same FOLDER measures its queries again (minutes).
+# the index is kept there, and a run with the same FOLDER measures its queries again (seconds to minutes).
 bench-10m: $(DEV)
 	$(BIN)/python -m tests.bench.ann_10m --out bench-10m-report.json $(if $(BENCH_DIR),--dir $(BENCH_DIR)) \
 		$(if $(BENCH_KEEP),--keep $(BENCH_KEEP))

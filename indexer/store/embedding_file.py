@@ -179,7 +179,8 @@ class EmbeddingFile:
         # each, where a binary search over the 80 MB of ids of 10 million rows reads some 20
         # (a millisecond per 1,000 candidates). What the guesses miss is searched for.
         ids, last = np.asarray(ids, np.int64), self.stamp.count - 1
-        first, spacing = int(self.ids[0]), max((int(self.ids[last]) - int(self.ids[0])) / max(last, 1), 1.0)
+        first = int(self.ids[0])
+        spacing = max((int(self.ids[last]) - first) / max(last, 1), 1.0)
         rows = np.clip(np.rint((ids - first) / spacing).astype(np.int64), 0, last)
         for _ in range(GUESSES):
             off = ids - self.ids[rows]

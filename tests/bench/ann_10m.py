@@ -23,8 +23,9 @@ and the rest (the re-ranking from the file).
     .venv/bin/python -m tests.bench.ann_10m [--count N] [--out FILE] [--dir SCRATCH | --keep FOLDER]
 
 `--keep FOLDER` keeps the built index, its queries and their exact answers in FOLDER; run again
-with the same FOLDER, it measures the queries alone (minutes, where loading and building 10M
-take over an hour), reporting the load and build figures of the run that built it.
+with the same FOLDER, it measures the queries alone (seconds to minutes, as fast as the disk
+reads the files back, where loading and building 10M take an hour), reporting the load and build
+figures of the run that built it.
 """
 
 from __future__ import annotations
