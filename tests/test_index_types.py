@@ -16,7 +16,7 @@ from indexer.errors import StoreError
 from indexer.models.identity import ModelId
 from indexer.store import NewImage, Store
 from indexer.store.index_choice import DEFAULT_LATENCY_MS, choose, parse_latency, parse_size
-from indexer.store.vectors import KINDS, TuningQueries, exact_top
+from indexer.store.vectors import GRAPH_QUANTIZER_NLIST, KINDS, IndexSpec, TuningQueries, VectorIndex, exact_top
 from search.cli.index_commands import INDEX_TYPES
 
 DIM = 64
@@ -318,3 +318,23 @@ def test_faiss_threads_sleep_when_idle_unless_the_user_says_otherwise(given, exp
     code = "from indexer.store import vectors; import os; print(os.environ['OMP_WAIT_POLICY'])"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert run.stdout.strip() == expected
+
+
+def test_many_clusters_are_found_through_a_graph_kept_in_the_file(tmp_path):
+    """From GRAPH_QUANTIZER_NLIST clusters on, a query's nearest clusters come from an HNSW graph
+    over the centroids: saved with the index, and finding the true neighbours as the clusters'
+    flat scan does (here: all the hits an exact search finds, for vectors near the queries)."""
+    import faiss  # the quantizer's type is the point here; clipseek's own modules keep faiss in vectors.py
+
+    rng = np.random.default_rng(11)
+    queries = unit(rng.normal(size=(20, DIM)))
+    near = unit(np.repeat(queries, 10, axis=0) + 0.05 * rng.normal(size=(200, DIM)))
+    vectors = np.concatenate([near, unit(rng.normal(size=(8000, DIM)))])
+    ids = np.arange(1, len(vectors) + 1)
+    built = VectorIndex.build(DIM, ids, vectors, IndexSpec("ivf", nlist=GRAPH_QUANTIZER_NLIST, nprobe=16))
+    built.save(tmp_path / "image.faiss", 1)
+    loaded, problem = VectorIndex.load(tmp_path / "image.faiss", 0, 1)
+    assert problem == "" and isinstance(faiss.downcast_index(loaded.index.quantizer), faiss.IndexHNSWFlat)
+    _, found = loaded.search(queries, 200)
+    for number, row in enumerate(found):
+        assert set(range(10 * number + 1, 10 * number + 11)) <= set(row)

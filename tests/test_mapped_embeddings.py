@@ -102,7 +102,7 @@ def test_a_small_memory_budget_maps_float16_and_still_returns_true_float32_score
         assert "re-ranked from image.embeddings (float16, 1 MiB mapped, beyond the memory budget)" in (
             store.status().index_type
         )
-        store.index_setting(budget=int(1.6 * 2**20))  # the same file, now within the budget
+        store.index_setting(budget=int(1.65 * 2**20))  # the same file, now within the budget
         assert "re-ranked from image.embeddings (float16, 1 MiB mapped)" in store.status().index_type
     assert stamp_of(root)["dtype"] == "float16"
     queries = np.concatenate([planted, unit(np.random.default_rng(6).normal(size=(40, planted.shape[1])))])
@@ -116,7 +116,7 @@ def test_a_damaged_row_is_never_served_and_the_next_writing_command_rebuilds_the
     stamp = stamp_of(root)
     ids = np.fromfile(root / "image.embeddings", "<i8", offset=stamp["size"] - 8 * stamp["count"])
     with open(root / "image.embeddings", "r+b") as file:  # item 11's row, as a bad sector leaves it
-        file.seek(int(np.searchsorted(ids, 11)) * 4 * stamp["dim"] + 8)
+        file.seek(int(np.searchsorted(ids, 11)) * (4 * stamp["dim"] + 8) + 8)  # records: vector, 8-byte check
         file.write(b"\x7f" * 16)  # floats of 3.4e38: served, they would top every search
     with caplog.at_level(logging.INFO, logger="clipseek"):
         assert answers(root, query) == before  # re-ranked from the catalog instead
@@ -131,7 +131,7 @@ def test_a_damaged_row_is_never_served_and_the_next_writing_command_rebuilds_the
     assert stamp_of(root)["nonce"] != stamp["nonce"] and answers(root, query) == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "newer than the catalog", "not stamped"])
+@pytest.mark.parametrize("damage", ["truncated", "newer than the catalog", "not stamped", "of an older format"])
 def test_a_truncated_or_unstamped_file_is_never_opened_and_is_rebuilt(ivf, planted, damage, caplog):
     root = ivf
     before = answers(root, planted)
@@ -141,6 +141,9 @@ def test_a_truncated_or_unstamped_file_is_never_opened_and_is_rebuilt(ivf, plant
             file.truncate(path.stat().st_size - 8)
     elif damage == "newer than the catalog":  # a catalog restored from an older backup
         (root / "image.embeddings.stamp").write_text(json.dumps({**stamp_of(root), "generation": 10**6}))
+    elif damage == "of an older format":  # stamps of files whose rows carried CRC-32s lack the field
+        old = {key: value for key, value in stamp_of(root).items() if key != "row_check"}
+        (root / "image.embeddings.stamp").write_text(json.dumps(old))
     else:
         (root / "image.embeddings.stamp").unlink()
     with caplog.at_level(logging.INFO, logger="clipseek"):
@@ -235,8 +238,8 @@ def test_an_index_turned_exact_keeps_no_embeddings_file(ivf, planted):
 )
 def test_each_row_is_found_by_its_id_however_the_ids_are_spaced(tmp_path, spacing):
     """Rows are looked up by guessing from the ids' spacing: whatever the ids, every id held is
-    found with its own vector (float16 widened exactly, values below float16's normal range too)
-    and no other id is."""
+    found with its own vector and no other id is; each float16 row's score lies within the file's
+    error bound of its float32 vector's (values below float16's normal range too)."""
     rng = np.random.default_rng(7)
     ids = {
         "one modality": np.arange(1, 3001),
@@ -256,6 +259,30 @@ def test_each_row_is_found_by_its_id_however_the_ids_are_spaced(tmp_path, spacin
     position = {int(item): row for row, item in enumerate(ids)}
     assert rows.tolist() == [position[int(item)] for item in asked[held]]
     np.testing.assert_array_equal(mapped.rows(rows, asked[held]), vectors[rows].astype(np.float16).astype(np.float32))
+    query = unit(rng.normal(size=(1, 16)))[0].astype(np.float32)
+    error = np.abs(mapped.scores(rows, asked[held], query) - vectors[rows].astype(np.float64) @ query)
+    assert error.max() <= mapped.error_bound(query) and error.max() > 0
+
+
+@pytest.mark.parametrize(("dim", "dtype"), [(64, "float32"), (13, "float16")])
+def test_a_rows_check_catches_every_flipped_bit_and_the_row_of_another_item(dim, dtype):
+    """Every single-bit change of a row, in a whole 8-byte word or in the odd bytes after the
+    last one (13 float16s: 26 bytes), and a row read for another id, fail the check; so does
+    a row checked with another build's keys."""
+    rng = np.random.default_rng(4)
+    rows = unit(rng.normal(size=(3, dim))).astype(dtype)
+    ids = np.array([7, 8, 9])
+    keys = files.row_keys(12345, files._words(rows[0].nbytes))
+    checks = files.row_checks(rows, ids, keys)
+    assert np.array_equal(files.row_checks(rows[::-1], ids[::-1], keys), checks[::-1])
+    data = rows[1].view(np.uint8)
+    for byte in range(len(data)):
+        for bit in range(8):
+            flipped = rows.copy()
+            flipped[1].view(np.uint8)[byte] ^= 1 << bit
+            assert files.row_checks(flipped, ids, keys)[1] != checks[1], (byte, bit)
+    assert files.row_checks(rows, np.array([7, 9, 8]), keys)[1] != checks[1]
+    assert not np.any(files.row_checks(rows, ids, files.row_keys(12346, len(keys) - 2)) == checks)
 
 
 def test_a_few_embeddings_read_at_once_are_the_catalogs_in_the_order_asked(ivf):

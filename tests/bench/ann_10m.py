@@ -20,12 +20,13 @@ missing or unsound), how many rows per query came from the catalog (for float16,
 re-scored in float32), and how a query's time splits between the vector index, the catalog
 and the rest (the re-ranking from the file).
 
-    .venv/bin/python -m tests.bench.ann_10m [--count N] [--out FILE] [--dir SCRATCH | --keep FOLDER]
+    .venv/bin/python -m tests.bench.ann_10m [--count N] [--out FILE] [--dir SCRATCH | --keep FOLDER [--rebuild]]
 
 `--keep FOLDER` keeps the built index, its queries and their exact answers in FOLDER; run again
 with the same FOLDER, it measures the queries alone (seconds to minutes, as fast as the disk
 reads the files back, where loading and building 10M take an hour), reporting the load and build
-figures of the run that built it.
+figures of the run that built it. With `--rebuild` it first builds the kept index's files anew
+from its catalog, as `clipseek optimize` does (Store.optimize), and reports that build.
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ def main() -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--dir", help="scratch folder for the index (default: a temporary one)")
     where.add_argument("--keep", metavar="FOLDER", help="build in FOLDER and keep it; query it again if built")
+    parser.add_argument("--rebuild", action="store_true", help="with --keep: build the kept index's files anew first")
     args = parser.parse_args()
+    if args.rebuild and not args.keep:
+        parser.error("--rebuild needs --keep FOLDER")
     if args.keep:
-        report = kept(Path(args.keep), args.count)
+        report = kept(Path(args.keep), args.count, args.rebuild)
     else:
         with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
             report = run(Path(scratch) / "index", args.count)
@@ -77,14 +81,20 @@ def run(root: Path, count: int) -> dict:
     return report
 
 
-def kept(folder: Path, count: int) -> dict:
-    """run(), keeping the index and what its queries need in `folder`, or querying the one kept there."""
+def kept(folder: Path, count: int, rebuild: bool = False) -> dict:
+    """run(), keeping the index and what its queries need in `folder`, or querying the one kept
+    there (its vector files built anew first if `rebuild`)."""
     saved = folder / "built.json"
     if saved.exists():
         report = json.loads(saved.read_text(encoding="utf-8"))
         if report["count"] != count:
             raise SystemExit(f"{folder} holds {report['count']:,} vectors, not {count:,}: give another --keep folder")
-        print(f"querying the index of {count:,} vectors kept in {folder} (its load and build figures as reported then)")
+        if rebuild:
+            with Store.open(folder / "index", write=True) as store:
+                report.update(build(store, rebuild=True))
+            report["build_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            saved.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(f"querying the index of {count:,} vectors kept in {folder} (its load figures as reported when loaded)")
         with np.load(folder / "queries.npz") as arrays:
             queries = arrays["warm"], arrays["cold"], arrays["truth"]
     else:
@@ -136,7 +146,8 @@ def load(store: Store, rng: np.random.Generator, centres: np.ndarray, count: int
     return {"load_s": load_s, "catalog_bytes": catalog_bytes}
 
 
-def build(store: Store) -> dict:
+def build(store: Store, rebuild: bool = False) -> dict:
+    """Store.fit() (or Store.optimize(), which builds anew, for `rebuild`), timed by phase."""
     phases: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -147,7 +158,7 @@ def build(store: Store) -> dict:
         if total and done and done % 1_000_000 == 0:
             print(f"  {time.perf_counter() - started:6.0f} s    {done:,} of {total:,}", flush=True)
 
-    spec = store.fit(progress)["text"]
+    spec = (store.optimize(progress=progress) if rebuild else store.fit(progress))["text"]
     build_s = time.perf_counter() - started
     size, budget = (store.root / "text.faiss").stat().st_size, store.index_setting()[1]
     mapped, problem = store.reranking.open("text")
