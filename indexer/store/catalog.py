@@ -174,8 +174,8 @@ class Catalog:
             select(embeddings.c.item_id, embeddings.c.vector)
             .join(items, items.c.id == embeddings.c.item_id)
             .where(items.c.modality == modality)
-            # By the items' own key: ordered by embeddings.item_id, SQLite walked a partial index of
-            # the items and sorted every row, vectors and all, in a temporary file (20 GB at 10M).
+            # By the items' own key: ordered by embeddings.item_id instead, SQLite walks a partial
+            # index of the items and sorts every row, vectors and all, in a temporary file (20 GB at 10M).
             .order_by(items.c.id)
         )
         with self._driver_cursor(query) as cursor:
