@@ -230,7 +230,7 @@ class EmbeddingFile:
     def rows(self, rows: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """The vectors of `rows` as float32, each checked for the id asked for (`ids`, else the id
         stored in the row): a damaged row raises DamagedError."""
-        return self._checked(rows, ids).astype(np.float32)
+        return self._checked(rows, ids).astype(np.float32, copy=False)  # a float32 file's rows: as read
 
     def scores(self, rows: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
         """The inner products of `rows` (checked for `ids`, as rows() checks them) with `query`: a

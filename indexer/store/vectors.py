@@ -39,7 +39,7 @@ EXACT_SAMPLE = 32_768  # vectors an exact-search timing scans (64 MiB at 512-d: 
 CHECKSUM_BLOCK = 1 << 20  # bytes read at a time to checksum a vector file: bounded memory, few calls
 # IVF kinds with this many clusters or more find a query's nearest clusters through an HNSW graph
 # over the centroids instead of scanning them all: at 8,192 clusters of 512-d the scan reads 16 MB
-# a query (0.6 ms, and the caches emptied for what follows); the graph, some 0.1 ms.
+# a query (0.6 ms, and the caches emptied for what follows); the graph, 0.1-0.3 ms.
 GRAPH_QUANTIZER_NLIST = 4096
 QUANTIZER_LINKS = 32  # the graph's neighbours per centroid (M)
 QUANTIZER_EF = 128  # its candidate list: at nprobe 16 of 8,192 clusters, the recall of a flat scan
