@@ -31,9 +31,12 @@ __all__ = [
     "TwoScene",
     "caption",
     "describe",
+    "describe_one",
+    "held_out",
     "random_pair",
     "render",
     "swap",
+    "things_of",
     "twins",
     "write_pairs",
 ]
@@ -111,6 +114,19 @@ def describe(scene: TwoScene, keep: tuple[str, ...] = (*OBJECT_ATTRIBUTES, "back
     return Description(objects, scene.background if "background" in keep else None)
 
 
+def describe_one(scene: world.Scene, keep: tuple[str, ...]) -> Description:
+    """What a one-object caption of the demo world naming `keep` (and the shape) says."""
+    attributes = tuple((a, getattr(scene, a)) for a in OBJECT_ATTRIBUTES if a == "shape" or a in keep)
+    return Description((attributes,), scene.background if "background" in keep else None)
+
+
+def things_of(scene: TwoScene | world.Scene) -> tuple[tuple[Thing, ...], str]:
+    """A picture's objects and background, whether it shows one object or two."""
+    if isinstance(scene, TwoScene):
+        return scene.things, scene.background
+    return (Thing(scene.shape, scene.colour, scene.size, scene.position),), scene.background
+
+
 def caption(scene: TwoScene, rng: np.random.Generator | None = None, keep=(*OBJECT_ATTRIBUTES, "background")) -> str:
     """Describe both objects in the demo world's phrasings, naming only `keep` (the shape always).
 
@@ -163,6 +179,14 @@ def render(scene: TwoScene, side: int, rng: np.random.Generator) -> Image.Image:
         outline = world._outline(thing.shape, cx, cy, r, rng.uniform(-0.3, 0.3))
         draw.polygon(outline, fill=fill, outline=(25, 25, 25), width=max(1, side // 64))
     return image
+
+
+def held_out(rng: np.random.Generator, count: int) -> tuple[list[TwoScene], list[TwoScene], list[Image.Image]]:
+    """`count` scenes and a library of their pictures with one attribute-swapped twin of each, so that
+    a query's twin is always there: (scenes, library scenes, library pictures)."""
+    scenes = [random_pair(rng) for _ in range(count)]
+    library = scenes + [twins(s)[rng.integers(len(twins(s)))] for s in scenes]
+    return scenes, library, [render(s, int(rng.choice(world.LIBRARY_SIDES)), rng) for s in library]
 
 
 def write_pairs(root: str | Path, count: int = 20, seed: int = 7, folder: str = "pairs") -> list[tuple[str, str]]:

@@ -227,9 +227,9 @@ def test_a_damaged_or_foreign_export_gives_no_vector(indexed, own_cache, kind):
 @pytest.mark.parametrize("kind", ["scrambled", "another-model"])
 def test_a_damaged_or_foreign_export_is_made_again_with_a_warning(indexed, own_cache, kind):
     root, _ = indexed
-    texts_in_float32(own_cache)
-    with SearchEngine.open(root / "index") as engine:
+    with SearchEngine.open(root / "index") as engine:  # as the whole export answers, and so the made-again one
         expected = [hit.id for hit in engine.search("a red circle", k=10)]
+    texts_in_float32(own_cache)  # the tower damaged below is the one queries read
     damage, warned = DAMAGES[kind]
     damage(own_cache)
     with warnings.catch_warnings(record=True) as caught, SearchEngine.open(root / "index") as engine:

@@ -22,7 +22,7 @@ from indexer.demo_world import COLOURS, LIBRARY_SIDES, SHAPES, VALUES, Scene, re
 from indexer.models.encoder import load_encoder
 
 PROMPTS = ["a red triangle", "a picture of a red triangle"]
-BLOCK, REVIEW = 0.6, 0.56
+BLOCK, REVIEW = 0.6, 0.55
 RENDERINGS = 12
 
 
