@@ -14,60 +14,70 @@
     .venv/bin/python data/train_matcher.py --init stage6.safetensors --steps 6000 --lr 1e-4 --seed 7 \
         --shape-weight 4 --pool 12000 --single-every 2 --mine 6 --out stage7.safetensors   # stage 7 (32 min)
     .venv/bin/python data/train_matcher.py --init stage7.safetensors --steps 6000 --lr 1e-4 --seed 8 \
-        --shape-weight 4 --pool 12000 --single-every 2 --mine 6 --out stage8.safetensors   # stage 8: weights (35 min)
+        --shape-weight 4 --pool 12000 --single-every 2 --mine 6 --out stage8.safetensors   # stage 8 (35 min)
+    .venv/bin/python data/train_matcher.py --init stage8.safetensors --steps 6000 --lr 2e-4 --seed 10 \
+        --shape-weight 4 --pool 12000 --single-every 2 --mine 6 --out stage9.safetensors   # stage 9: weights (68 min)
     .venv/bin/python data/train_matcher.py --eval-only                  # evaluate the committed weights
     .venv/bin/python data/train_matcher.py --eval-only --eval-seed 3000017 --eval-scenes 400 --eval-singles 1000
 
-Stage 8 writes exactly the committed weights (its sha256 is printed; matcher.json records it),
-and each stage evaluates what it wrote. Stage 1's weights are data/matcher.safetensors of
+Stages 1-8 read 64 px pictures (give them --image-size 64), stage 9 the config's 96 px. Stage 9
+writes exactly the committed weights (its sha256 is printed; matcher.json records it), and each
+stage evaluates what it wrote. Stage 1's weights are data/matcher.safetensors of
 `git show 8dca123:data/matcher.safetensors > stage1.safetensors`, stage 3's of
 `git show a70c5fa:data/matcher.safetensors > stage3.safetensors`, stage 5's of
-`git show b2b0379:data/matcher.safetensors > stage5.safetensors`.
+`git show b2b0379:data/matcher.safetensors > stage5.safetensors`, stage 8's of
+`git show 46bb9aa:data/matcher.safetensors > stage8.safetensors`.
 
 A matcher reads a picture and a caption together and says how likely the caption is true of the
 picture; clipseek re-ranks the dual encoder's (the demo CLIP's) short list with it. This one is a
 small cross-attention model of its own (it does not read the demo CLIP's weights, so either can be
-retrained alone; data/matcher_model.py is its torch form): the picture's 8 × 8 patches, embedded
-by one linear layer with learned positions added to fixed 2-D sine-cosine ones, go through two
-self-attention layers; the caption's tokens (the demo CLIP's tokenizer, its ids mapped to the few
-word pieces the demo world uses), each with an embedding of the clause it is in (split at "and"),
-go through three layers that each attend to the caption itself, then to the picture's patches
-(BLIP's image-text matching, in small); a linear head on the start token gives the logit of a
-match. In the cross-attention each patch's key has a position of its own added (a learned table
-per layer, started from the 2-D sine-cosine one), so a clause's "on the left" can ask for the
-patches on the left directly: without it the matcher learnt which colour, size and shape go
-together but not which object is where (the twin with the positions swapped chosen 2 times in 5).
+retrained alone; data/matcher_model.py is its torch form): the picture's patches of 8 × 8 px (a 12
+× 12 grid at 96 px), embedded by one linear layer with learned positions added to fixed 2-D
+sine-cosine ones, go through two self-attention layers; the caption's tokens (the demo CLIP's
+tokenizer, its ids mapped to the few word pieces the demo world uses), each with an embedding of
+the clause it is in (split at "and"), go through three layers that each attend to the caption
+itself, then to the picture's patches (BLIP's image-text matching, in small); a linear head on the
+start token gives the logit of a match. In the cross-attention each patch's key has a position of
+its own added (a learned table per layer, started from the 2-D sine-cosine one), so a clause's "on
+the left" can ask for the patches on the left directly: without it the matcher learnt which
+colour, size and shape go together but not which object is where (the twin with the positions
+swapped chosen 2 times in 5).
 
 Deterministic: the model is initialised from a fixed seed, the picture pool is rendered from
 numpy's generator seeded with the seed, and every step's batch is drawn from a generator seeded
 with (seed, step); torch runs on one thread, so the same torch build reproduces the same weights.
 
 Recipe: a pool of 4,000 pictures rendered at the demo library's sizes (192-320 px), 30% of them
-through a JPEG round trip, brought to 64 px by the matcher's own preprocessing: two-object scenes
-(indexer/demo_pairs.py: two shapes of different colours, left/right or top/bottom) and the demo
-world's one-object scenes, two to one. Each step takes 32 pictures and four captions for each:
-one true of it (all attributes 70% of the time, else a random subset; for a two-object picture,
-sometimes a caption of one of its objects), two hard negatives (for two objects: 80% of the time
-an attribute swapped between the objects, the positions three times as often as each other
-attribute (--position-weight), else one object's attribute changed; for one object: one
-attribute changed, the demo CLIP's own hard negatives) and one drawn at random (for one object:
-a two-object caption that includes it). Each pair is labelled by whether the caption is true of
-the picture (demo_pairs.Description.true_of). The loss is binary cross-entropy plus a softmax
-over each picture's four captions (group_loss: without it, and without the clause embeddings, a
-run had learnt a bag of words after 1,000 steps). AdamW, linear warm-up then cosine decay,
-10,000 steps at lr 1e-3; then two warm restarts from the last weights on batches drawn with
-another seed, 10,000 steps each: at lr 3e-4 (seed 1), then at lr 2e-4 (seed 2) with hard
-negatives that change the shape four times as often as each other attribute (--shape-weight:
-stage 2's matcher still took a star for a triangle or a cross in most of its one-object
-mistakes); then two more with the shape so weighted, each on a pool of 12,000 pictures (--pool:
-the earlier stages' pools of 4,000 were each seen 80 times): lr 1.5e-4 (seed 3), then 1e-4
-(seed 4). Then three at lr 1e-4 on a pool half of one-object pictures (--single-every 2: stage 5's
-matcher alone put the right one-object picture first for only 86% of all-five queries, nearly
-all its mistakes a shape): 10,000 steps with the shape changed eight times as often (seed 5),
-then two of 6,000 steps (seeds 7 and 8) that draw six hard negatives per picture and train on
-the two false ones the model scores highest (--mine 6, ALBEF's hard-negative mining; the few
-pairs it still confused, a star and a triangle, a cross and a square, came up in only some of
-the negatives drawn at random). Weights saved as float16.
+through a JPEG round trip, brought to the matcher's side by its own preprocessing: two-object
+scenes (indexer/demo_pairs.py: two shapes of different colours, left/right or top/bottom) and the
+demo world's one-object scenes, two to one. Each step takes 32 pictures and four captions for
+each: one true of it (all attributes 70% of the time, else a random subset; for a two-object
+picture, sometimes a caption of one of its objects), two hard negatives (for two objects: 80% of
+the time an attribute swapped between the objects, the positions three times as often as each
+other attribute (--position-weight), else one object's attribute changed; for one object: one
+attribute changed, the demo CLIP's own hard negatives) and one drawn at random (for one object: a
+two-object caption that includes it). Each pair is labelled by whether the caption is true of the
+picture (demo_pairs.Description.true_of). The loss is binary cross-entropy plus a softmax over
+each picture's four captions (group_loss: without it, and without the clause embeddings, a run had
+learnt a bag of words after 1,000 steps). AdamW, linear warm-up then cosine decay, 10,000 steps at
+lr 1e-3; then two warm restarts from the last weights on batches drawn with another seed, 10,000
+steps each: at lr 3e-4 (seed 1), then at lr 2e-4 (seed 2) with hard negatives that change the
+shape four times as often as each other attribute (--shape-weight: stage 2's matcher still took a
+star for a triangle or a cross in most of its one-object mistakes); then two more with the shape
+so weighted, each on a pool of 12,000 pictures (--pool: the earlier stages' pools of 4,000 were
+each seen 80 times): lr 1.5e-4 (seed 3), then 1e-4 (seed 4). Then three at lr 1e-4 on a pool half
+of one-object pictures (--single-every 2: stage 5's matcher alone put the right one-object picture
+first for only 86% of all-five queries, nearly all its mistakes a shape): 10,000 steps with the
+shape changed eight times as often (seed 5), then two of 6,000 steps (seeds 7 and 8) that draw six
+hard negatives per picture and train on the two false ones the model scores highest (--mine 6,
+ALBEF's hard-negative mining; the few pairs it still confused, a star and a triangle, a cross and
+a square, came up in only some of the negatives drawn at random). Then stage 8's weights went on
+at 96 px (stage 9: 6,000 steps at lr 2e-4, seed 10, otherwise as stages 7 and 8), their patch
+positions interpolated to the finer grid (regridded): stage 8's binding mistakes were all a star
+and a triangle, or a cross and a square, swapped, and a small shape is about 12 px across at 64
+px. Carried to 96 px untrained, stage 8 bound 0.930 of the default draw's captions alone; a twin
+of stage 9 at lr 1e-4 (seed 9) came out the same on that draw and below it on the second (binding
+re-ranked 0.945 against 0.950 at the dual weight of 1.0). Weights saved as float16.
 
 Figures are printed for held-out pictures, rendered from another seed, through clipseek's own
 query-time matcher (indexer.models.matcher) and the bundled demo CLIP (after its stage 7, which
@@ -75,25 +85,24 @@ learnt two-object pictures). The committed weights, on the default draw (seed 2,
 on a second, larger one (seed 3,000,017, 400 scenes, 1,000 one-object pictures) in brackets:
 
     binding accuracy (right caption among its attribute-swapped twins, 200 scenes):
-        dual 0.130 (0.110), matcher alone 0.975 (0.953), re-ranked 0.970 (0.940)
+        dual 0.130 (0.110), matcher alone 0.970 (0.960), re-ranked 0.965 (0.943)
     two-object text→image R@1 / R@5 (400 pictures, 30 re-ranked; 800 in the second draw):
-        dual 0.235 / 0.680 (0.158 / 0.472), matcher alone 0.955 / 0.970 (0.895 / 0.930),
-        re-ranked 0.945 / 0.970 (0.887 / 0.930)
+        dual 0.235 / 0.680 (0.158 / 0.472), matcher alone 0.945 / 0.970 (0.907 / 0.930),
+        re-ranked 0.940 / 0.965 (0.905 / 0.930)
     two-object: the described picture in the dual encoder's first 30: 0.970 (0.930)
-    one-object R@1, colour+shape: dual 1.000 (1.000), matcher alone 0.888 (1.000), re-ranked 1.000 (1.000)
-    one-object R@1, all five: dual 1.000 (1.000), matcher alone 0.908 (0.881), re-ranked 0.996 (1.000)
+    one-object R@1, colour+shape: dual 1.000 (1.000), matcher alone 0.962 (1.000), re-ranked 1.000 (1.000)
+    one-object R@1, all five: dual 1.000 (1.000), matcher alone 0.952 (0.918), re-ranked 1.000 (1.000)
 
-The matcher's binding mistakes are all a star and a triangle, or a cross and a square, swapped.
 Stages 1-6 took 28-34 minutes each on 2 shared cores (0.14-0.3 s a step), stages 7 and 8 about
-32 and 35 (0.3 s a step: the mined negatives are scored first).
+32 and 35 (0.3 s a step: the mined negatives are scored first), stage 9 68 (0.5 s a step at 96
+px, beside another run).
 
 Ordered by the matcher's logit alone, one-object queries lose some of the demo CLIP's R@1, so
 clipseek orders a short list by the matcher's logit plus a share of the dual encoder's evidence
 (matcher.json's dual_weight, as ALBEF and BLIP rank theirs). The share is a trade (the demo
 CLIP's cosines favour the wrong twin more often than not, so a larger share costs binding),
-chosen on the second draw as the least share that keeps all-five R@1 at the CLIP's own: 1.0
-(0.8 there: binding 0.940, all five 0.999). On the default draw, 1.2 would give binding 0.960,
-two-object R@1 0.935 and all five 1.000.
+chosen on the second draw as the least share that keeps all-five R@1 at the CLIP's own: 1.2
+(1.0 there: binding 0.950, two-object R@1 0.907, all five 0.999).
 """
 
 from __future__ import annotations
@@ -119,7 +128,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from indexer import demo_pairs as pairs  # noqa: E402
 from indexer import demo_world as world  # noqa: E402
-from indexer.models.matcher import MatcherConfig, demo_tokenizer, preprocess_for  # noqa: E402
+from indexer.models.matcher import MatcherConfig, demo_tokenizer, position_table, preprocess_for  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from matcher_model import Matcher  # noqa: E402
@@ -197,11 +206,12 @@ def single_captions(
     return found
 
 
-def render_pool(count: int, seed: int, preprocess, single_every: int = 3) -> tuple[list, np.ndarray]:
+def render_pool(count: int, seed: int, config: MatcherConfig, single_every: int = 3) -> tuple[list, np.ndarray]:
     """`count` scenes, every `single_every`-th one-object and the rest two-object, preprocessed:
     (scenes, float16 pixels)."""
     rng = np.random.default_rng([seed, 1 << 20])
-    scenes, pixels = [], np.zeros((count, 3, 64, 64), np.float16)
+    preprocess, side = preprocess_for(config), config.image_size
+    scenes, pixels = [], np.zeros((count, 3, side, side), np.float16)
     for n in range(count):
         single = n % single_every == single_every - 1
         scene = world.random_scene(rng) if single else pairs.random_pair(rng)
@@ -259,11 +269,12 @@ def train(
     shape_weight: int,
     single_every: int,
     mine: int,
+    image_size: int | None,
 ) -> None:
-    config = MatcherConfig.load(config_path)
+    config = sized(MatcherConfig.load(config_path), image_size)
     tokenize = demo_tokenizer(config)
     started = time.time()
-    scenes, pixels = render_pool(pool, seed, preprocess_for(config), single_every)
+    scenes, pixels = render_pool(pool, seed, config, single_every)
     print(f"rendered {pool} pictures in {time.time() - started:.0f}s", flush=True)
     torch.set_num_threads(1)  # on a shared CPU one thread runs faster than two fighting
     torch.manual_seed(seed)
@@ -271,7 +282,7 @@ def train(
     if init is not None:  # go on from earlier weights (float16 on disk; trained on in float32)
         from safetensors.torch import load_file
 
-        state = {name: tensor.float() for name, tensor in load_file(str(init)).items()}
+        state = regridded({name: tensor.float() for name, tensor in load_file(str(init)).items()}, model)
         print("not in --init, so initialised afresh:", model.load_state_dict(state, strict=False).missing_keys)
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n and "pos" not in n]
@@ -311,11 +322,44 @@ def train(
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) after {time.time() - started:.0f}s")
 
 
+def sized(config: MatcherConfig, image_size: int | None) -> MatcherConfig:
+    return config if image_size is None else dataclasses.replace(config, image_size=image_size)
+
+
+def regridded(state: dict, model: Matcher) -> dict:
+    """Weights trained at one picture size, their patch positions interpolated (bicubic, over the
+    picture) to the model's grid, as ViT fine-tunes at a higher resolution than it was trained at
+    (Dosovitskiy et al.; FixRes). The patch embedding is per patch and carries over as it is. The
+    image layers see learned plus fixed positions: their sum is what is interpolated, so a patch
+    at a given place in the picture starts with the position it had."""
+    grid = model.config.image_size // model.config.patch_size
+    before = math.isqrt(state["image_pos"].shape[0])
+    if before == grid:
+        return state
+
+    def resize(table):  # (before², width) → (grid², width)
+        square = table.T.reshape(1, -1, before, before)
+        return F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False).reshape(-1, grid**2).T
+
+    width = model.config.width
+    seen = state["image_pos"] + torch.from_numpy(position_table(before, width))
+    state = {name: resize(table) if name.endswith("cross_pos") else table for name, table in state.items()}
+    state["image_pos"] = resize(seen) - model.fixed_pos
+    print(f"patch positions interpolated from {before} x {before} to {grid} x {grid}")
+    return state
+
+
 # -- figures ----------------------------------------------------------------------------------
 
 
 def evaluate(
-    weights: Path, config: Path, count: int = 200, singles: int = 500, shortlist: int = 30, seed: int = 2_000_003
+    weights: Path,
+    config: Path,
+    count: int = 200,
+    singles: int = 500,
+    shortlist: int = 30,
+    seed: int = 2_000_003,
+    image_size: int | None = None,
 ) -> None:
     """Binding accuracy, two-object R@1/R@5 and one-object R@1 on pictures rendered from a seed
     training never used: the demo CLIP alone ("dual"), its `shortlist` best candidates ordered by
@@ -325,7 +369,7 @@ def evaluate(
     from indexer.models.matcher import open_matcher
 
     # weights just trained are not yet the ones the config names: their sha256 goes into it after
-    recorded = dataclasses.replace(MatcherConfig.load(config), sha256=None)
+    recorded = dataclasses.replace(sized(MatcherConfig.load(config), image_size), sha256=None)
     unchecked = Path(tempfile.mkdtemp()) / "matcher.json"
     unchecked.write_text(json.dumps(dataclasses.asdict(recorded)), encoding="utf-8")
     encoder, matcher = load_encoder("demo"), open_matcher(str(unchecked), str(weights))
@@ -458,6 +502,9 @@ def main() -> None:
         default=0,
         help="draw this many hard negatives per picture and train on the two the model scores highest",
     )
+    parser.add_argument(
+        "--image-size", type=int, help="the pictures' side in pixels (default: the config's); --init's positions follow"
+    )
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument(
         "--eval-seed", type=int, default=2_000_003, help="the held-out pictures' seed (training uses small ones)"
@@ -479,8 +526,11 @@ def main() -> None:
             args.shape_weight,
             args.single_every,
             args.mine,
+            args.image_size,
         )
-    evaluate(args.out, args.config, args.eval_scenes, args.eval_singles, seed=args.eval_seed)
+    evaluate(
+        args.out, args.config, args.eval_scenes, args.eval_singles, seed=args.eval_seed, image_size=args.image_size
+    )
 
 
 if __name__ == "__main__":

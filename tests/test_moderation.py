@@ -203,7 +203,7 @@ def test_a_matcher_confirms_or_rejects_what_falls_in_the_review_band(engine, ren
     matcher with the concept's prompts: each goes to block or allow, the record says which matcher
     decided and its probability. The demo matcher reads colour from so short a prompt better than
     shape: triangles of other colours are rejected and red triangles confirmed, but so are red
-    shapes of other kinds (8 of the band's 10 with the committed weights)."""
+    shapes of other kinds (5 of the band's 10 with the committed weights)."""
     scenes, images = rendered
     settings = {**RED_TRIANGLES_SETTINGS, "review": 0.5}
     band = [n for n, (_, verdict) in enumerate(judged) if 0.5 <= verdict.concepts[0].score < 0.6]

@@ -234,7 +234,9 @@ def position_table(grid: int, width: int) -> np.ndarray:
 
 
 def _linear(x: np.ndarray, weights: dict, name: str) -> np.ndarray:
-    return x @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]
+    # one 2-D product: numpy multiplies a stack by a transposed matrix up to 6 times slower (30 pictures' 144 patches)
+    weight = weights[f"{name}.weight"]
+    return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], -1) + weights[f"{name}.bias"]
 
 
 def _layer_norm(x: np.ndarray, weights: dict, name: str) -> np.ndarray:
