@@ -31,8 +31,8 @@ stage evaluates what it wrote. Stage 1's weights are data/matcher.safetensors of
 A matcher reads a picture and a caption together and says how likely the caption is true of the
 picture; clipseek re-ranks the dual encoder's (the demo CLIP's) short list with it. This one is a
 small cross-attention model of its own (it does not read the demo CLIP's weights, so either can be
-retrained alone; data/matcher_model.py is its torch form): the picture's patches of 8 × 8 px (a 12
-× 12 grid at 96 px), embedded by one linear layer with learned positions added to fixed 2-D
+retrained alone; data/matcher_model.py is its torch form): the picture's patches of 8 × 8 px
+(a 12 × 12 grid at 96 px), embedded by one linear layer with learned positions added to fixed 2-D
 sine-cosine ones, go through two self-attention layers; the caption's tokens (the demo CLIP's
 tokenizer, its ids mapped to the few word pieces the demo world uses), each with an embedding of
 the clause it is in (split at "and"), go through three layers that each attend to the caption
@@ -74,10 +74,11 @@ ALBEF's hard-negative mining; the few pairs it still confused, a star and a tria
 a square, came up in only some of the negatives drawn at random). Then stage 8's weights went on
 at 96 px (stage 9: 6,000 steps at lr 2e-4, seed 10, otherwise as stages 7 and 8), their patch
 positions interpolated to the finer grid (regridded): stage 8's binding mistakes were all a star
-and a triangle, or a cross and a square, swapped, and a small shape is about 12 px across at 64
-px. Carried to 96 px untrained, stage 8 bound 0.930 of the default draw's captions alone; a twin
-of stage 9 at lr 1e-4 (seed 9) came out the same on that draw and below it on the second (binding
-re-ranked 0.945 against 0.950 at the dual weight of 1.0). Weights saved as float16.
+and a triangle, or a cross and a square, swapped, and a small shape is about 12 px across at
+64 px. Carried to 96 px untrained (--init stage8.safetensors --image-size 96 --steps 0), stage 8
+bound 0.930 of the default draw's captions alone; a twin of stage 9 at lr 1e-4 (seed 9) came out
+the same on that draw and below it on the second (binding re-ranked 0.940, two-object R@1 0.897,
+all five 0.999). Weights saved as float16.
 
 Figures are printed for held-out pictures, rendered from another seed, through clipseek's own
 query-time matcher (indexer.models.matcher) and the bundled demo CLIP (after its stage 7, which
@@ -102,7 +103,8 @@ clipseek orders a short list by the matcher's logit plus a share of the dual enc
 (matcher.json's dual_weight, as ALBEF and BLIP rank theirs). The share is a trade (the demo
 CLIP's cosines favour the wrong twin more often than not, so a larger share costs binding),
 chosen on the second draw as the least share that keeps all-five R@1 at the CLIP's own: 1.2
-(1.0 there: binding 0.950, two-object R@1 0.907, all five 0.999).
+(1.0 there, measured with a copy of matcher.json so changed given as --config: binding 0.950,
+two-object R@1 0.907, all five 0.999).
 """
 
 from __future__ import annotations
