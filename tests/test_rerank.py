@@ -125,8 +125,8 @@ def test_the_recipe_carries_weights_to_another_picture_size():
 def test_reranking_finds_the_picture_a_two_object_caption_describes(library, engine):
     """Each caption's colour-swapped twin is in the library: the dual encoder often takes one for
     the other (5 right of 12 with the committed weights), re-ranking seldom does (12 of 12). The
-    matcher's own probability that the described picture matches is above one half for most (9
-    of 12: the other three, 0.31-0.47, are first with the dual encoder's evidence added)."""
+    matcher's own probability that the described picture matches is above one half for most (11
+    of 12: the other, 0.072, is first with the dual encoder's evidence added)."""
     _, written = library
     plain = [engine.search(text, k=1)[0].path == path for path, text in written]
     found = [engine.search(text, k=1, rerank=SHORTLIST)[0] for _, text in written]
@@ -134,7 +134,7 @@ def test_reranking_finds_the_picture_a_two_object_caption_describes(library, eng
     right = [hit.path == path for hit, (path, _) in zip(found, written, strict=True)]
     assert np.mean(right) >= 0.6 and np.mean(right) >= np.mean(plain) + 0.25, (np.mean(right), np.mean(plain))
     sure = [hit.match > 0.5 for hit, is_right in zip(found, right, strict=True) if is_right]
-    assert sum(sure) >= 0.7 * len(written), [hit.match for hit in found]
+    assert sum(sure) >= 0.8 * len(written), [hit.match for hit in found]
 
 
 def test_reranked_hits_come_in_the_matchers_order_then_the_rest_in_cosine_order(library, engine):
