@@ -134,7 +134,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -292,10 +292,8 @@ def train(
     torch.set_num_threads(1)  # on a shared CPU one thread runs faster than two fighting
     torch.manual_seed(seed)
     model = Matcher(config)
-    if init is not None:  # go on from earlier weights (float16 on disk; trained on in float32)
-        from safetensors.torch import load_file
-
-        state = regridded({name: tensor.float() for name, tensor in load_file(str(init)).items()}, model)
+    if init is not None:  # go on from earlier weights
+        state = regridded(float_weights(init), model)
         print("not in --init, so initialised afresh:", model.load_state_dict(state, strict=False).missing_keys)
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n and "pos" not in n]
@@ -333,6 +331,11 @@ def train(
             sys.stdout.flush()
     save(model, config, out)
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) after {time.time() - started:.0f}s")
+
+
+def float_weights(path: Path) -> dict:
+    """A matcher's weights as float32 tensors: they are saved as float16, and trained and compared in float32."""
+    return {name: tensor.float() for name, tensor in load_file(str(path)).items()}
 
 
 def sized(config: MatcherConfig, image_size: int | None) -> MatcherConfig:

@@ -76,12 +76,9 @@ def the_recipe():
 def test_the_numpy_matcher_gives_the_logits_of_its_torch_twin():
     import torch
 
-    recipe = the_recipe()
-    from safetensors.torch import load_file
-
-    matcher = load_matcher("demo")
+    recipe, matcher = the_recipe(), load_matcher("demo")
     twin = recipe.Matcher(matcher.config)
-    twin.load_state_dict({name: tensor.float() for name, tensor in load_file(str(matcher_weights())).items()})
+    twin.load_state_dict(recipe.float_weights(matcher_weights()))
     rng = np.random.default_rng(3)
     scenes = [pairs.random_pair(rng) for _ in range(3)]
     pictures = [pairs.render(scene, 192, rng) for scene in scenes]
@@ -100,15 +97,12 @@ def test_the_recipe_carries_weights_to_another_picture_size():
     positions interpolated to the finer grid (recipe.regridded). Carried so to 128 px, the
     committed weights read pictures there before any training: they still bind most captions."""
     import torch
-    from safetensors.torch import load_file
 
     recipe, matcher = the_recipe(), load_matcher("demo")
     config = dataclasses.replace(matcher.config, image_size=128)
     model = recipe.Matcher(config)
-    state = recipe.regridded(
-        {name: tensor.float() for name, tensor in load_file(str(matcher_weights())).items()}, model
-    )
-    model.load_state_dict(state)  # every weight, each of its new shape
+    # every weight, each of its new shape
+    model.load_state_dict(recipe.regridded(recipe.float_weights(matcher_weights()), model))
     assert model.image_pos.shape == (16 * 16, config.width)
     rng = np.random.default_rng(20)
     preprocess, right = recipe.preprocess_for(config), []
